@@ -1,0 +1,451 @@
+"""One object-store interface over local directories and S3 (MinIO, AWS, any S3 mirror).
+
+Every stage reads and writes through a `Store` rooted at a URI: a local path or `s3://bucket[/prefix]`.
+Keys are `/`-separated strings relative to that root. Writes are atomic (a local write goes to a temporary
+file that is renamed into place; an S3 object appears whole with its single PUT or completed multipart
+upload), so a reader never sees half an object, whatever happens to the writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from bincount.errors import BincountError
+
+T = TypeVar("T")
+
+PART_SUFFIX = ".part"
+STREAM_CHUNK = 1 << 20
+MULTIPART_SIZE = 16 << 20
+
+
+class StoreError(BincountError):
+    """Any store failure; the subclasses name the ones users can fix."""
+
+
+class EndpointUnreachableError(StoreError):
+    pass
+
+
+class CredentialsError(StoreError):
+    pass
+
+
+class BucketNotFoundError(StoreError):
+    pass
+
+
+class KeyNotFoundError(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Connection settings for one S3 endpoint; `from_env` reads the variables DESIGN.md names."""
+
+    endpoint: str = "s3.amazonaws.com"
+    access_key: str | None = None
+    secret_key: str | None = None
+    secure: bool = True
+    region: str = "us-east-1"
+
+    @classmethod
+    def from_env(cls, prefix: str = "") -> S3Settings:
+        """`prefix` selects a second set of variables, e.g. `SOURCE_` for the ABID mirror."""
+        env = os.environ
+        endpoint = env.get(f"{prefix}S3_ENDPOINT") or "s3.amazonaws.com"
+        secure_default = "1" if endpoint.endswith("amazonaws.com") else "0"
+        return cls(
+            endpoint=_strip_scheme(endpoint),
+            access_key=env.get(f"{prefix}AWS_ACCESS_KEY_ID") or None,
+            secret_key=env.get(f"{prefix}AWS_SECRET_ACCESS_KEY") or None,
+            secure=env.get(f"{prefix}S3_SECURE", secure_default).strip().lower() in ("1", "true", "yes"),
+            region=env.get(f"{prefix}AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        )
+
+
+def _strip_scheme(endpoint: str) -> str:
+    for scheme in ("http://", "https://"):
+        if endpoint.startswith(scheme):
+            return endpoint[len(scheme):].rstrip("/")
+    return endpoint.rstrip("/")
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class Store:
+    """Interface shared by `LocalStore` and `S3Store`."""
+
+    uri: str
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]:
+        """Stream an object for reading without holding it in memory."""
+        raise NotImplementedError
+        yield
+
+    def put(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        """Upload a local file, streamed, atomically."""
+        raise NotImplementedError
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        """Download to a local file, streamed; the file appears only when complete."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.open(key) as src, _atomic_local_file(path) as dst:
+            shutil.copyfileobj(src, dst, STREAM_CHUNK)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except KeyNotFoundError:
+            return False
+        return True
+
+    def stat(self, key: str) -> ObjectInfo:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under `prefix` (recursive), in key order."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def check(self, write: bool = False) -> None:
+        """Fail early with a clear error when the store cannot be used (no bucket, bad keys, no endpoint)."""
+        raise NotImplementedError
+
+    def url(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}"
+
+    def get_text(self, key: str) -> str:
+        return self.get(key).decode("utf-8")
+
+    def put_text(self, key: str, text: str) -> None:
+        self.put(key, text.encode("utf-8"))
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StoreError(f"key {key!r} escapes the store root {self.root}")
+        return path
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        with self.open(key) as f:
+            f.seek(offset)
+            return f.read() if length is None else f.read(length)
+
+    @contextlib.contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]:
+        try:
+            f = open(self._path(key), "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyNotFoundError(f"no object {key!r} in {self.uri}") from None
+        with f:
+            yield f
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_local_file(path) as f:
+            f.write(data)
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "rb") as src, _atomic_local_file(dest) as dst:
+            shutil.copyfileobj(src, dst, STREAM_CHUNK)
+
+    def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        if not path.is_file():
+            raise KeyNotFoundError(f"no object {key!r} in {self.uri}")
+        return ObjectInfo(key, path.stat().st_size)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return
+        found = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith(".") and name.endswith(PART_SUFFIX):
+                    continue
+                full = os.path.join(dirpath, name)
+                key = os.path.relpath(full, self.root).replace(os.sep, "/")
+                found.append(ObjectInfo(key, os.path.getsize(full)))
+        yield from sorted(found, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def check(self, write: bool = False) -> None:
+        if write:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create store directory {self.root}: {e.strerror}") from None
+            if not os.access(self.root, os.W_OK):
+                raise StoreError(f"store directory {self.root} is not writable")
+        elif not self.root.is_dir():
+            raise StoreError(f"store directory {self.root} does not exist")
+
+    def remove_stale_parts(self, prefix: str = "") -> int:
+        """Delete temporary files left by writers that were killed; returns how many."""
+        base = self._path(prefix) if prefix else self.root
+        removed = 0
+        for part in base.rglob(f".*{PART_SUFFIX}") if base.is_dir() else []:
+            pid = _part_owner(part.name)
+            if pid is None or not _pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    part.unlink()
+                    removed += 1
+        return removed
+
+
+def _part_owner(name: str) -> int | None:
+    try:
+        return int(name[: -len(PART_SUFFIX)].rsplit(".", 2)[-2])
+    except (ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _atomic_local_file(path: Path) -> Iterator[BinaryIO]:
+    """Write to `.name.<pid>.<rand>.part` beside `path`, fsync, rename into place; remove it on error."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PART_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+TRANSIENT_S3_CODES = frozenset(
+    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "OperationAborted"}
+)
+CREDENTIAL_S3_CODES = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
+)
+
+
+class S3Store(Store):
+    """A bucket (and optional prefix) on an S3 endpoint, through the minio SDK.
+
+    minio's own urllib3 retries are turned off so that `retrying` decides alone: transient failures
+    (connection errors, 5xx, SlowDown) are retried with jittered exponential backoff; everything else
+    (missing key, bad credentials) fails at once with its own message.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", settings: S3Settings | None = None,
+                 attempts: int = 4, backoff_s: float = 0.25, timeout_s: float = 30.0):
+        import certifi
+        import urllib3
+        from minio import Minio
+
+        self.settings = settings or S3Settings.from_env()
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=min(timeout_s, 10.0), read=timeout_s),
+            maxsize=64,
+            retries=False,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        )
+        self.client = Minio(
+            self.settings.endpoint,
+            access_key=self.settings.access_key,
+            secret_key=self.settings.secret_key,
+            secure=self.settings.secure,
+            region=self.settings.region,
+            http_client=http,
+        )
+
+    def _name(self, key: str) -> str:
+        return join(self.prefix, key)
+
+    def _where(self) -> str:
+        scheme = "https" if self.settings.secure else "http"
+        return f"{scheme}://{self.settings.endpoint}"
+
+    def _call(self, what: str, key: str | None, fn: Callable[[], T]) -> T:
+        """Run one S3 request with retries on transient errors, translating failures into StoreErrors."""
+        from minio.error import InvalidResponseError, S3Error, ServerError
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        delay = self.backoff_s
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except S3Error as e:
+                if e.code in TRANSIENT_S3_CODES and attempt < self.attempts:
+                    pass
+                else:
+                    raise self._translate(e, key) from None
+            except ServerError as e:
+                if attempt == self.attempts:
+                    raise StoreError(
+                        f"S3 endpoint {self._where()} failed to {what} after {attempt} attempts "
+                        f"(HTTP {e.status_code})") from None
+            except InvalidResponseError as e:
+                raise StoreError(
+                    f"{self._where()} did not answer like an S3 server when asked to {what}: {e}") from None
+            except (Urllib3Error, OSError) as e:
+                if attempt == self.attempts:
+                    raise EndpointUnreachableError(
+                        f"cannot reach S3 endpoint {self._where()} ({_reason(e)}); "
+                        "check S3_ENDPOINT and S3_SECURE") from None
+            time.sleep(delay * (0.5 + random.random()))
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _translate(self, e, key: str | None) -> StoreError:
+        if e.code == "NoSuchBucket":
+            return BucketNotFoundError(f"bucket {self.bucket!r} does not exist on {self._where()}")
+        if e.code in ("NoSuchKey", "ResourceNotFound"):
+            if not self._bucket_exists_quiet():
+                return BucketNotFoundError(f"bucket {self.bucket!r} does not exist on {self._where()}")
+            return KeyNotFoundError(f"no object {key!r} in {self.uri}")
+        if e.code in CREDENTIAL_S3_CODES:
+            who = (f"access key {self.settings.access_key!r}" if self.settings.access_key
+                   else "anonymous access (no AWS_ACCESS_KEY_ID set)")
+            return CredentialsError(
+                f"S3 endpoint {self._where()} refused {who} for bucket {self.bucket!r} ({e.code}); "
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return StoreError(f"S3 error on {self.uri}/{key or ''}: {e.code}: {e.message}")
+
+    def _bucket_exists_quiet(self) -> bool:
+        try:
+            return self.client.bucket_exists(self.bucket)
+        except Exception:
+            return True
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        def fetch() -> bytes:
+            resp = self.client.get_object(self.bucket, self._name(key), offset=offset, length=length or 0)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call("read", key, fetch)
+
+    @contextlib.contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]:
+        resp = self._call("read", key, lambda: self.client.get_object(self.bucket, self._name(key)))
+        try:
+            yield resp
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def put(self, key: str, data: bytes) -> None:
+        import io
+
+        self._call("write", key, lambda: self.client.put_object(
+            self.bucket, self._name(key), io.BytesIO(data), len(data)))
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        self._call("write", key, lambda: self.client.fput_object(
+            self.bucket, self._name(key), os.fspath(path), part_size=MULTIPART_SIZE))
+
+    def stat(self, key: str) -> ObjectInfo:
+        obj = self._call("stat", key, lambda: self.client.stat_object(self.bucket, self._name(key)))
+        return ObjectInfo(key, obj.size)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        name_prefix = self._name(prefix)
+        if name_prefix and prefix.endswith("/"):
+            name_prefix += "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        objects = self._call("list", prefix, lambda: list(
+            self.client.list_objects(self.bucket, prefix=name_prefix or None, recursive=True)))
+        for obj in objects:
+            if not obj.is_dir:
+                yield ObjectInfo(obj.object_name[strip:], obj.size)
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, lambda: self.client.remove_object(self.bucket, self._name(key)))
+
+    def check(self, write: bool = False) -> None:
+        exists = self._call("check", None, lambda: self.client.bucket_exists(self.bucket))
+        if not exists:
+            raise BucketNotFoundError(f"bucket {self.bucket!r} does not exist on {self._where()}")
+
+
+def _reason(e: BaseException) -> str:
+    reason = getattr(e, "reason", None) or e
+    text = str(reason)
+    for marker in ("Connection refused", "Name or service not known", "timed out", "No route to host",
+                   "Temporary failure in name resolution", "certificate verify failed", "WRONG_VERSION_NUMBER"):
+        if marker in text:
+            return marker
+    if isinstance(reason, OSError) and reason.errno:
+        return errno.errorcode.get(reason.errno, text)
+    return text.split(": ", 1)[-1][:200]
+
+
+def open_store(uri: str, settings: S3Settings | None = None) -> Store:
+    """`s3://bucket[/prefix]` → S3Store (settings from env unless given); anything else is a local path."""
+    if uri.startswith("s3://"):
+        rest = uri[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise StoreError(f"store URI {uri!r} names no bucket; expected s3://bucket[/prefix]")
+        return S3Store(bucket, prefix, settings)
+    if "://" in uri:
+        raise StoreError(f"unsupported store URI {uri!r}: use a local path or s3://bucket[/prefix]")
+    return LocalStore(uri)
