@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import random
+import re
 import shutil
 import time
 import uuid
@@ -25,6 +26,7 @@ from bincount.errors import BincountError
 T = TypeVar("T")
 
 PART_SUFFIX = ".part"
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 STREAM_CHUNK = 1 << 20
 MULTIPART_SIZE = 16 << 20
 
@@ -66,17 +68,16 @@ class S3Settings:
     region: str = "us-east-1"
 
     @classmethod
-    def from_env(cls, prefix: str = "") -> S3Settings:
-        """`prefix` selects a second set of variables, e.g. `SOURCE_` for the ABID mirror."""
+    def from_env(cls) -> S3Settings:
         env = os.environ
-        endpoint = env.get(f"{prefix}S3_ENDPOINT") or "s3.amazonaws.com"
+        endpoint = env.get("S3_ENDPOINT") or "s3.amazonaws.com"
         secure_default = "1" if endpoint.endswith("amazonaws.com") else "0"
         return cls(
             endpoint=_strip_scheme(endpoint),
-            access_key=env.get(f"{prefix}AWS_ACCESS_KEY_ID") or None,
-            secret_key=env.get(f"{prefix}AWS_SECRET_ACCESS_KEY") or None,
-            secure=env.get(f"{prefix}S3_SECURE", secure_default).strip().lower() in ("1", "true", "yes"),
-            region=env.get(f"{prefix}AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            access_key=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            secure=env.get("S3_SECURE", secure_default).strip().lower() in ("1", "true", "yes"),
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
         )
 
 
@@ -139,6 +140,10 @@ class Store:
     def check(self, write: bool = False) -> None:
         """Fail early with a clear error when the store cannot be used (no bucket, bad keys, no endpoint)."""
         raise NotImplementedError
+
+    def remove_stale_parts(self, prefix: str = "") -> int:
+        """Delete temporary files of killed writers; S3 has none (an object appears whole or not at all)."""
+        return 0
 
     def url(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}"
@@ -321,35 +326,33 @@ class S3Store(Store):
         return f"{scheme}://{self.settings.endpoint}"
 
     def _call(self, what: str, key: str | None, fn: Callable[[], T]) -> T:
-        """Run one S3 request with retries on transient errors, translating failures into StoreErrors."""
-        from minio.error import InvalidResponseError, S3Error, ServerError
-        from urllib3.exceptions import HTTPError as Urllib3Error
-
-        delay = self.backoff_s
+        """Run one S3 request, retrying transient errors with jittered exponential backoff."""
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
-            except S3Error as e:
-                if e.code in TRANSIENT_S3_CODES and attempt < self.attempts:
-                    pass
-                else:
-                    raise self._translate(e, key) from None
-            except ServerError as e:
-                if attempt == self.attempts:
-                    raise StoreError(
-                        f"S3 endpoint {self._where()} failed to {what} after {attempt} attempts "
-                        f"(HTTP {e.status_code})") from None
-            except InvalidResponseError as e:
-                raise StoreError(
-                    f"{self._where()} did not answer like an S3 server when asked to {what}: {e}") from None
-            except (Urllib3Error, OSError) as e:
-                if attempt == self.attempts:
-                    raise EndpointUnreachableError(
-                        f"cannot reach S3 endpoint {self._where()} ({_reason(e)}); "
-                        "check S3_ENDPOINT and S3_SECURE") from None
-            time.sleep(delay * (0.5 + random.random()))
-            delay *= 2
+            except Exception as e:
+                if attempt == self.attempts or not _is_transient(e):
+                    raise self._error(e, what, key, attempt) from None
+                self._sleep(attempt)
         raise AssertionError("unreachable")
+
+    def _sleep(self, attempt: int) -> None:
+        time.sleep(self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+
+    def _error(self, e: Exception, what: str, key: str | None, attempts: int) -> Exception:
+        from minio.error import InvalidResponseError, S3Error, ServerError
+
+        if isinstance(e, S3Error):
+            return self._translate(e, key)
+        if isinstance(e, ServerError):
+            return StoreError(f"S3 endpoint {self._where()} failed to {what} after {attempts} attempts "
+                              f"(HTTP {e.status_code})")
+        if isinstance(e, InvalidResponseError):
+            return StoreError(f"{self._where()} did not answer like an S3 server when asked to {what}: {e}")
+        if _is_transient(e):
+            return EndpointUnreachableError(f"cannot reach S3 endpoint {self._where()} ({_reason(e)}); "
+                                            "check S3_ENDPOINT and S3_SECURE")
+        return e
 
     def _translate(self, e, key: str | None) -> StoreError:
         if e.code == "NoSuchBucket":
@@ -407,15 +410,26 @@ class S3Store(Store):
         return ObjectInfo(key, obj.size)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Streams page by page; after a transient failure it lists again after the last key seen."""
         name_prefix = self._name(prefix)
         if name_prefix and prefix.endswith("/"):
             name_prefix += "/"
         strip = len(self.prefix) + 1 if self.prefix else 0
-        objects = self._call("list", prefix, lambda: list(
-            self.client.list_objects(self.bucket, prefix=name_prefix or None, recursive=True)))
-        for obj in objects:
-            if not obj.is_dir:
-                yield ObjectInfo(obj.object_name[strip:], obj.size)
+        last: str | None = None
+        failures = 0
+        while True:
+            try:
+                for obj in self.client.list_objects(self.bucket, prefix=name_prefix or None, recursive=True,
+                                                    start_after=last):
+                    last, failures = obj.object_name, 0
+                    if not obj.is_dir:
+                        yield ObjectInfo(obj.object_name[strip:], obj.size)
+                return
+            except Exception as e:
+                failures += 1
+                if failures == self.attempts or not _is_transient(e):
+                    raise self._error(e, "list", prefix, failures) from None
+                self._sleep(failures)
 
     def delete(self, key: str) -> None:
         self._call("delete", key, lambda: self.client.remove_object(self.bucket, self._name(key)))
@@ -424,6 +438,15 @@ class S3Store(Store):
         exists = self._call("check", None, lambda: self.client.bucket_exists(self.bucket))
         if not exists:
             raise BucketNotFoundError(f"bucket {self.bucket!r} does not exist on {self._where()}")
+
+
+def _is_transient(e: Exception) -> bool:
+    from minio.error import S3Error, ServerError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    if isinstance(e, S3Error):
+        return e.code in TRANSIENT_S3_CODES
+    return isinstance(e, (ServerError, Urllib3Error, ConnectionError, TimeoutError))
 
 
 def _reason(e: BaseException) -> str:
@@ -445,6 +468,9 @@ def open_store(uri: str, settings: S3Settings | None = None) -> Store:
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise StoreError(f"store URI {uri!r} names no bucket; expected s3://bucket[/prefix]")
+        if not BUCKET_RE.match(bucket):
+            raise StoreError(f"{bucket!r} in {uri!r} is not a valid S3 bucket name "
+                             "(3-63 lowercase letters, digits, '.' or '-')")
         return S3Store(bucket, prefix, settings)
     if "://" in uri:
         raise StoreError(f"unsupported store URI {uri!r}: use a local path or s3://bucket[/prefix]")
