@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,7 +72,8 @@ def s3_env(s3_server: S3Server, monkeypatch) -> S3Server:
 
 @dataclass(frozen=True)
 class AbidMirror:
-    """An ABID-layout bucket on the test server: the real sample plus two planted bad pairs."""
+    """An ABID-layout bucket on the test server, public-read like `aft-vbi-pds`: the real sample plus two
+    planted bad pairs."""
 
     endpoint: str
     bucket: str
@@ -79,6 +85,11 @@ class AbidMirror:
 def abid_mirror(s3_server: S3Server, abid_sample: Path) -> AbidMirror:
     client = s3_server.client()
     bucket = s3_server.new_bucket("aft-vbi-pds")
+    # Anonymous reads like the real bucket. moto refuses an anonymous HEAD object under a policy that
+    # grants only s3:GetObject + s3:ListBucket (AWS allows it), so this test mirror grants s3:*.
+    client.set_bucket_policy(bucket, json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": "*", "Action": "s3:*",
+        "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
     keys = tuple(sorted(p.stem for p in (abid_sample / "metadata").glob("*.json")))
     labels = {k: json.loads((abid_sample / "metadata" / f"{k}.json").read_text())["EXPECTED_QUANTITY"] for k in keys}
 
@@ -98,3 +109,36 @@ def abid_mirror(s3_server: S3Server, abid_sample: Path) -> AbidMirror:
     put(f"bin-images/{NO_QUANTITY_KEY}.jpg", good_jpeg)
     put(f"metadata/{NO_QUANTITY_KEY}.json", json.dumps({"BIN_FCSKU_DATA": {}}).encode())
     return AbidMirror(s3_server.endpoint, bucket, keys, labels)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="session")
+def auth_s3_server() -> str:
+    """A second moto server, in its own process, that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0):
+    every key is unknown to it, so any request is refused the way a bad AWS_ACCESS_KEY_ID is."""
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)

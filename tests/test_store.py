@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from conftest import free_port
 
 from bincount.store import (
     BucketNotFoundError,
@@ -142,38 +143,13 @@ def test_missing_bucket_is_a_clear_error(s3_server):
         list(store.list())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_endpoint_fails_after_bounded_retries():
-    port = _free_port()
+    port = free_port()
     store = S3Store("bucket", "", S3Settings(f"127.0.0.1:{port}", secure=False), attempts=3, backoff_s=0.01)
     start = time.monotonic()
     with pytest.raises(EndpointUnreachableError, match=f"cannot reach S3 endpoint http://127.0.0.1:{port}"):
         store.get("k")
     assert time.monotonic() - start < 5
-
-
-@pytest.fixture(scope="module")
-def auth_s3_server():
-    """A second moto server, in its own process, that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
-    port = _free_port()
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
 
 
 def test_bad_credentials_are_a_clear_error(auth_s3_server):

@@ -347,6 +347,8 @@ class S3Store(Store):
         if isinstance(e, ServerError):
             return StoreError(f"S3 endpoint {self._where()} failed to {what} after {attempts} attempts "
                               f"(HTTP {e.status_code})")
+        if isinstance(e, InvalidResponseError) and getattr(e, "_code", None) in (401, 403):
+            return self._denied("AccessDenied")
         if isinstance(e, InvalidResponseError):
             return StoreError(f"{self._where()} did not answer like an S3 server when asked to {what}: {e}")
         if _is_transient(e):
@@ -362,12 +364,14 @@ class S3Store(Store):
                 return BucketNotFoundError(f"bucket {self.bucket!r} does not exist on {self._where()}")
             return KeyNotFoundError(f"no object {key!r} in {self.uri}")
         if e.code in CREDENTIAL_S3_CODES:
-            who = (f"access key {self.settings.access_key!r}" if self.settings.access_key
-                   else "anonymous access (no AWS_ACCESS_KEY_ID set)")
-            return CredentialsError(
-                f"S3 endpoint {self._where()} refused {who} for bucket {self.bucket!r} ({e.code}); "
-                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+            return self._denied(e.code)
         return StoreError(f"S3 error on {self.uri}/{key or ''}: {e.code}: {e.message}")
+
+    def _denied(self, code: str) -> CredentialsError:
+        who = (f"access key {self.settings.access_key!r}" if self.settings.access_key
+               else "anonymous access (no AWS_ACCESS_KEY_ID set)")
+        return CredentialsError(f"S3 endpoint {self._where()} refused {who} for bucket {self.bucket!r} ({code}); "
+                                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
 
     def _bucket_exists_quiet(self) -> bool:
         try:

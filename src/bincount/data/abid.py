@@ -164,20 +164,19 @@ def _validate(cfg: DownloadConfig) -> None:
         raise ConfigError(f"--quantities range is empty: {cfg.quantities[0]}-{cfg.quantities[1]}")
 
 
-def _candidates(cfg: DownloadConfig, source: Store) -> Iterator[str]:
+def _requested_keys(cfg: DownloadConfig) -> list[str]:
+    """Keys named by --file-list or --ids, first occurrence kept, in the order given."""
     if cfg.file_list:
-        seen: set[str] = set()
-        for _, key in read_file_list(cfg.file_list):
-            if key not in seen:
-                seen.add(key)
-                yield key
-    elif cfg.ids:
-        yield from dict.fromkeys(cfg.ids)
-    else:
-        for obj in source.list(f"{METADATA}/"):
-            name = obj.key.rsplit("/", 1)[-1]
-            if name.endswith(".json"):
-                yield name[: -len(".json")]
+        return list(dict.fromkeys(key for _, key in read_file_list(cfg.file_list)))
+    return list(dict.fromkeys(cfg.ids))
+
+
+def _scanned_keys(source: Store) -> Iterator[str]:
+    """Every key with metadata in the source, in listing order, streamed (the real bucket lists 500k+)."""
+    for obj in source.list(f"{METADATA}/"):
+        name = obj.key.rsplit("/", 1)[-1]
+        if name.endswith(".json"):
+            yield name[: -len(".json")]
 
 
 def _fetch(cand: _Candidate, source: Store, dest: Store, quantities: tuple[int, int] | None) -> _Candidate:
@@ -262,6 +261,7 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 def download(cfg: DownloadConfig) -> DownloadSummary:
     _validate(cfg)
+    requested = None if cfg.quantities else _requested_keys(cfg)
     source, dest = _source(cfg), open_store(cfg.dest)
     source.check()
     dest.check(write=True)
@@ -269,16 +269,11 @@ def download(cfg: DownloadConfig) -> DownloadSummary:
 
     summary = DownloadSummary(dest=dest.url(RAW))
     quota = _Quota(cfg.limit, cfg.per_class)
-    total = None if cfg.quantities else (cfg.limit or None)
+    keys = _scanned_keys(source) if requested is None else requested
+    total = cfg.limit if requested is None else min(len(requested), cfg.limit or len(requested))
     start = time.monotonic()
     with ThreadPoolExecutor(cfg.workers) as pool, tqdm(total=total, unit="pair", desc="download",
                                                        disable=None, leave=False) as bar:
-        if cfg.ids or cfg.file_list:
-            keys = list(_candidates(cfg, source))
-            bar.total = min(len(keys), cfg.limit or len(keys))
-            bar.refresh()
-        else:
-            keys = _candidates(cfg, source)
         for chunk in _chunks(keys, cfg.workers * 4):
             fetched = list(pool.map(lambda k: _fetch(_Candidate(k), source, dest, cfg.quantities), chunk))
             accepted = []
