@@ -9,7 +9,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from bincount.config import DownloadConfig, EdaConfig, PrepareConfig, SyntheticConfig, load_config
+from bincount.config import (DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig, SyntheticConfig,
+                             TrainConfig, load_config)
 from bincount.errors import BincountError
 
 Handler = Callable[[argparse.Namespace], None]
@@ -22,7 +23,8 @@ def _options(args: argparse.Namespace, *names: str) -> dict:
 def cmd_synthetic(args: argparse.Namespace) -> None:
     from bincount.data.synthetic import generate
 
-    cfg = load_config(SyntheticConfig, args.config, _options(args, "dest", "n", "seed", "workers"))
+    cfg = load_config(SyntheticConfig, args.config, _options(
+        args, "dest", "n", "seed", "workers", "min_count", "max_count", "width", "height"))
     print(generate(cfg).summary())
 
 
@@ -53,6 +55,65 @@ def cmd_eda(args: argparse.Namespace) -> None:
     print(build_report(cfg).summary())
 
 
+TRAIN_FLAGS = ("store", "dataset", "run", "arch", "weights", "freeze", "image_size", "epochs", "batch_size", "lr",
+               "optimizer", "schedule", "weight_decay", "warmup_epochs", "label_smoothing", "precision", "patience",
+               "seed", "workers", "cache_dir", "device", "profile")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from bincount.train.loop import train
+
+    flags = {k: v for k, v in _options(args, *TRAIN_FLAGS).items() if v is not None}
+    cfg = load_config(TrainConfig, args.config, {**_settings(args.set), **flags})
+    result = train(cfg)
+    if result.is_main:
+        print(result.summary())
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from bincount.evaluate import evaluate
+
+    cfg = load_config(EvaluateConfig, args.config, _options(
+        args, "store", "model", "dataset", "split", "out", "batch_size", "workers", "cache_dir", "device"))
+    print(evaluate(cfg).summary())
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from bincount.serve.predictor import serve
+
+    serve(load_config(ServeConfig, args.config, _options(
+        args, "model", "port", "name", "precision", "device", "threads", "max_batch", "max_body_bytes", "max_pixels",
+        "url_hosts", "url_timeout", "url_max_bytes", "url_max_redirects", "unsafe_url_addresses")))
+
+
+def cmd_manifests_render(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from bincount.k8s.manifests import drift, write
+
+    out = Path(args.out)
+    if args.check:
+        problems = drift(out)
+        if problems:
+            raise BincountError(f"{out} differs from the builders ({'; '.join(problems)}); "
+                                f"run `bincount manifests render --out {out}`")
+        print(f"{out} matches the builders")
+    else:
+        changed = write(out)
+        print(f"rendered {out}: {len(changed)} file(s) changed")
+
+
+def _settings(pairs: list[str] | None) -> dict:
+    """`--set key=value` pairs: any config key, for the settings without a flag of their own."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise BincountError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
 def _quantity_range(text: str) -> str:
     lo, sep, hi = text.partition("-")
     if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or int(lo) > int(hi):
@@ -81,7 +142,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bincount", description=__doc__.splitlines()[0])
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{data}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,train,evaluate,manifests,serve}")
 
     data = groups.add_parser("data", help="get, prepare and explore bin images")
     data_cmds = data.add_subparsers(dest="command", required=True)
@@ -91,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="number of images (default 500)")
     p.add_argument("--seed", type=int, help="random seed; the same seed gives the same images")
     p.add_argument("--workers", type=int, help="processes to generate with (default 1)")
+    p.add_argument("--min-count", type=int, help="fewest items in a bin (default 1)")
+    p.add_argument("--max-count", type=int, help="most items in a bin (default 5)")
+    p.add_argument("--width", help="image width range in px, LO,HI (default 400,560)")
+    p.add_argument("--height", help="image height range in px, LO,HI (default 300,500)")
     _add_config(p)
     p.set_defaults(func=cmd_synthetic)
 
@@ -129,6 +194,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="parallel reads (default 16)")
     _add_config(p)
     p.set_defaults(func=cmd_eda)
+
+    p = groups.add_parser("train", help="train a model on a prepared dataset (also under torchrun / a PyTorchJob)")
+    p.add_argument("--store", help="store root holding datasets/NAME/")
+    p.add_argument("--dataset", help="dataset name")
+    p.add_argument("--run", "--run-id", dest="run", help="run id: checkpoints/RUN/ (a rerun resumes) and "
+                   "models/RUN/; under torchrun write --run-id (torchrun reads --run as its own --run-path)")
+    p.add_argument("--arch", help="torchvision model name (default resnet18)")
+    p.add_argument("--weights", help="DEFAULT, a torchvision weights name, none, a state-dict file or s3:// URI")
+    p.add_argument("--freeze", help="none, backbone, or a stage name to freeze up to (default none)")
+    p.add_argument("--image-size", type=int, help="input size in px (default 224)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per process (default 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 0.001)")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    p.add_argument("--schedule", choices=["cosine", "onecycle", "constant"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--patience", type=int, help="early stop after this many epochs without improvement (0: off)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="DataLoader workers per process (default: from the CPU count)")
+    p.add_argument("--cache-dir", help="node-local image cache (default $BINCOUNT_CACHE or ~/.cache/bincount)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--profile", type=int, metavar="N", help="write a torch.profiler trace of N steps")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config key (repeatable)")
+    _add_config(p)
+    p.set_defaults(func=cmd_train)
+
+    p = groups.add_parser("evaluate", help="test metrics and confusion matrix of an exported model")
+    p.add_argument("--store", help="store root holding datasets/NAME/")
+    p.add_argument("--model", help="model directory or URI, or a run name under STORE/models/")
+    p.add_argument("--dataset", help="dataset name")
+    p.add_argument("--split", help="split to evaluate (default test)")
+    p.add_argument("--out", help="output directory or store URI for metrics.json and the confusion matrix")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--cache-dir", help="node-local image cache")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    _add_config(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = groups.add_parser("serve", help="serve an exported model with kserve's ModelServer (V1 + V2, upload page)")
+    p.add_argument("--model", help="model directory (KServe mounts /mnt/models) or store URI")
+    p.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    p.add_argument("--name", help="model name in the endpoint paths (default bincount)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"], help="default auto: bf16 where fast")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="torch threads for inference (default: torch's choice)")
+    p.add_argument("--max-batch", type=int, help="images per request and per forward pass (default 32)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
+    p.add_argument("--max-pixels", type=int, help="largest image, width × height (default 24,000,000)")
+    p.add_argument("--allow-url-host", action="append", dest="url_hosts", metavar="HOST",
+                   help="fetch images by URL from HOST (*.example.com: its subdomains); repeatable; "
+                        "without it fetching by URL is off")
+    p.add_argument("--url-timeout", type=float, help="seconds for a whole fetch (default 5)")
+    p.add_argument("--url-max-bytes", type=int, help="largest fetched image (default 10 MiB)")
+    p.add_argument("--url-max-redirects", type=int, help="redirects followed, each one checked (default 3)")
+    p.add_argument("--unsafe-allow-url-address", action="append", dest="unsafe_url_addresses", metavar="IP:PORT",
+                   help="UNSAFE, for tests only: let fetches reach this private or loopback address")
+    _add_config(p)
+    p.set_defaults(func=cmd_serve)
+
+    manifests = groups.add_parser("manifests", help="the kustomize tree in manifests/, rendered from the builders")
+    manifests_cmds = manifests.add_subparsers(dest="command", required=True)
+    p = manifests_cmds.add_parser("render", help="write manifests/ from bincount.k8s (or --check it)")
+    p.add_argument("--out", default="manifests", help="the manifests directory (default manifests)")
+    p.add_argument("--check", action="store_true", help="write nothing; fail if the files differ from the builders")
+    p.set_defaults(func=cmd_manifests_render)
     return parser
 
 
@@ -139,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except BincountError as e:
-        print(f"bincount: error: {e}", file=sys.stderr)
+        if not getattr(e, "silent", False):
+            print(f"bincount: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bincount: interrupted", file=sys.stderr)

@@ -8,6 +8,8 @@ valid ones, so a typo in a YAML file never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -17,6 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from bincount import __version__
 from bincount.errors import ConfigError
 
 C = TypeVar("C")
@@ -37,6 +40,8 @@ class SyntheticConfig:
     workers: int = 1
     min_count: int = 1
     max_count: int = 5
+    width: tuple[int, int] = (400, 560)
+    height: tuple[int, int] = (300, 500)
 
 
 @dataclass
@@ -78,6 +83,65 @@ class EdaConfig:
     name: str
     samples_per_class: int = 6
     workers: int = 16
+
+
+@dataclass
+class TrainConfig:
+    """One training run: data, model, recipe and runtime. Saved, resolved, with the exported model.
+
+    A rerun with the same `run` resumes from `checkpoints/<run>/last.pt`. `freeze: backbone` with
+    `feature_cache` trains the head on backbone features computed once and kept in the store.
+    """
+
+    store: str
+    dataset: str
+    run: str
+    arch: str = "resnet18"
+    weights: str = "DEFAULT"                    # DEFAULT, a torchvision weights name, none, a file or s3:// URI
+    freeze: str = "none"                        # none, backbone, or a stage name: freeze up to and including it
+    classes: tuple[int, ...] = CLASSES
+    image_size: int = 224
+    cache_size: int = 256                       # local cache keeps images with this shorter side; 0: originals
+    augment: str = "counting"                   # none, flip (the seed's), counting (flips, rotation, colour)
+    epochs: int = 10
+    batch_size: int = 64                        # per process
+    optimizer: str = "adamw"                    # adam, adamw, sgd
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    schedule: str = "cosine"                    # cosine (with warmup), onecycle, constant (with warmup)
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    class_weights: list[float] | str = "none"   # none, balanced (from the train split), or one weight per class
+    grad_clip: float = 0.0                      # max gradient norm; 0: off
+    accumulate: int = 1                         # micro-batches per optimizer step
+    precision: str = "auto"                     # bf16, fp16 (GPU), fp32; auto: bf16 where the hardware has it
+    channels_last: bool | None = None           # None: on GPU, or on CPU with bf16 (fp32 CPU convs are slower)
+    monitor: str = "val_accuracy"               # val_accuracy (max) or val_loss (min): best model, early stop
+    patience: int = 0                           # epochs without improvement before stopping; 0: never
+    seed: int = 0
+    workers: int = -1                           # DataLoader workers per process; -1: from the CPU count
+    prefetch_workers: int = 16                  # threads filling the local image cache
+    cache_dir: str = ""                         # local image cache; "": $BINCOUNT_CACHE or ~/.cache/bincount
+    feature_cache: bool = True
+    device: str = "auto"                        # auto, cpu, cuda
+    profile: int = 0                            # steps to trace with torch.profiler; 0: off
+    resume: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    """Test-set metrics of an exported model, written to `out` (a local directory or store URI)."""
+
+    store: str
+    model: str                                  # a model directory or URI, or a run name under STORE/models/
+    dataset: str
+    out: str
+    split: str = "test"
+    batch_size: int = 64
+    workers: int = -1
+    cache_dir: str = ""
+    device: str = "auto"
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:
@@ -190,3 +254,167 @@ def _split_list(value: Any, where: str) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return list(value)
     raise ConfigError(f"{where}: expected a list, got {value!r}")
+
+
+# Container images: the one place that names them. The manifests, the launchers, the KFP components' base image
+# and `make images` all read these; the tag follows the package version, so a release re-renders the manifests.
+IMAGE_REGISTRY = "ghcr.io/bincount"
+IMAGE_TAG = __version__
+TRAINER_IMAGE = f"{IMAGE_REGISTRY}/trainer:{IMAGE_TAG}"
+SERVING_IMAGE = f"{IMAGE_REGISTRY}/serving:{IMAGE_TAG}"
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
+_QUANTITY_SCALE = {None: 1.0, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+                   "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50}
+
+
+def quantity(text: str, where: str) -> float:
+    """A Kubernetes quantity ("500m", "8Gi") as a number, so requests, limits and /dev/shm can be compared."""
+    match = _QUANTITY.match(str(text))
+    if not match:
+        raise ConfigError(f"{where}: {text!r} is not a Kubernetes quantity (e.g. 500m, 2, 8Gi)")
+    return float(match.group(1)) * _QUANTITY_SCALE[match.group(2)]
+
+
+def _check_compute(cfg: Any) -> None:
+    for kind in ("cpu", "memory"):
+        request, limit = getattr(cfg, f"{kind}_request"), getattr(cfg, f"{kind}_limit")
+        if quantity(request, f"{kind}_request") > quantity(limit, f"{kind}_limit"):
+            raise ConfigError(f"{kind}_request {request} exceeds {kind}_limit {limit}")
+    if ":" not in cfg.image.rsplit("/", 1)[-1] and "@" not in cfg.image:
+        raise ConfigError(f"image {cfg.image!r} has no tag; pin one (a moving tag makes runs irreproducible)")
+    if cfg.image.endswith(":latest"):
+        raise ConfigError(f"image {cfg.image!r} uses :latest; pin a version tag")
+
+
+@dataclass
+class JobResources:
+    """How wide and how big a training job is. One object renders the PyTorchJob's replicas, the Katib trial
+    template and the local torchrun command, so the three never disagree.
+
+    `workers` counts pods: the first is the PyTorchJob's Master, the rest its Workers. Locally there is one
+    node, so `torchrun_argv` starts `procs_per_worker` processes.
+    """
+
+    workers: int = 1
+    procs_per_worker: int = 1
+    gpus_per_worker: int = 0
+    cpu_request: str = "2"
+    cpu_limit: str = "4"
+    memory_request: str = "4Gi"
+    memory_limit: str = "8Gi"
+    shm_size: str = "1Gi"
+    image: str = TRAINER_IMAGE
+    backoff_limit: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "procs_per_worker"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"gpus_per_worker must not be negative, got {self.gpus_per_worker}")
+        if self.gpus_per_worker and self.procs_per_worker != self.gpus_per_worker:
+            raise ConfigError(f"procs_per_worker ({self.procs_per_worker}) must equal gpus_per_worker "
+                              f"({self.gpus_per_worker}): DDP runs one process per GPU")
+        _check_compute(self)
+        if quantity(self.shm_size, "shm_size") >= quantity(self.memory_limit, "memory_limit"):
+            raise ConfigError(f"shm_size {self.shm_size} must stay below memory_limit {self.memory_limit}: "
+                              "a memory-backed /dev/shm counts against the container's memory")
+
+    @property
+    def world_size(self) -> int:
+        return self.workers * self.procs_per_worker
+
+    @property
+    def cpu_threads(self) -> int:
+        """Threads per process, so torchrun's default of OMP_NUM_THREADS=1 does not starve CPU training."""
+        return max(1, int(quantity(self.cpu_limit, "cpu_limit") // self.procs_per_worker))
+
+    def torchrun_argv(self) -> list[str]:
+        """The local launch prefix; the trainer's flags follow. `--standalone` picks a free rendezvous port, so
+        parallel local trials never collide; this interpreter's torch runs it, whatever is on PATH."""
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                "--nproc_per_node", str(self.procs_per_worker), "-m", "bincount.train"]
+
+    def requests(self) -> dict[str, str]:
+        return _with_gpus({"cpu": self.cpu_request, "memory": self.memory_request}, self.gpus_per_worker)
+
+    def limits(self) -> dict[str, str]:
+        return _with_gpus({"cpu": self.cpu_limit, "memory": self.memory_limit}, self.gpus_per_worker)
+
+
+def _with_gpus(resources: dict[str, str], gpus: int) -> dict[str, str]:
+    return {**resources, "nvidia.com/gpu": str(gpus)} if gpus else resources
+
+
+@dataclass
+class ServingResources:
+    """Size and scaling of the KServe predictor."""
+
+    min_replicas: int = 1
+    max_replicas: int = 3
+    cpu_request: str = "1"
+    cpu_limit: str = "2"
+    memory_request: str = "2Gi"
+    memory_limit: str = "4Gi"
+    image: str = SERVING_IMAGE
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ConfigError(f"replicas must satisfy 0 <= min_replicas <= max_replicas >= 1, "
+                              f"got {self.min_replicas}..{self.max_replicas}")
+        _check_compute(self)
+
+    def requests(self) -> dict[str, str]:
+        return {"cpu": self.cpu_request, "memory": self.memory_request}
+
+    def limits(self) -> dict[str, str]:
+        return {"cpu": self.cpu_limit, "memory": self.memory_limit}
+
+
+@dataclass
+class ClusterConfig:
+    """Where bincount lives on a cluster: the names the manifests create and the launchers refer to."""
+
+    namespace: str = "bincount"
+    bucket: str = "bincount"
+    s3_secret: str = "bincount-s3"
+    region: str = "us-east-1"
+    pipeline_service_account: str = "bincount-pipeline"
+    workload_service_account: str = "bincount-workload"
+    serving_service_account: str = "bincount-serving"
+
+    @property
+    def s3_endpoint(self) -> str:
+        """The in-namespace MinIO as host:port, the form both the store and KServe's annotation expect."""
+        return f"minio.{self.namespace}.svc.cluster.local:9000"
+
+    @property
+    def store(self) -> str:
+        return f"s3://{self.bucket}"
+
+
+@dataclass
+class ServeConfig:
+    """The predictor and its local ModelServer. Every limit protects the server from one bad request.
+
+    Fetching images by URL is off unless `url_hosts` names the hosts allowed (`*.example.com` admits its
+    subdomains); even then private, loopback and link-local addresses are refused after DNS resolution.
+    `unsafe_url_addresses` exempts exact `IP:PORT` pairs from that refusal: it exists for tests against a
+    server on 127.0.0.1 and is unsafe anywhere else.
+    """
+
+    model: str                                  # a model directory (KServe mounts /mnt/models) or store URI
+    port: int = 8080
+    name: str = "bincount"                      # the model name in /v1/models/<name>:predict
+    precision: str = "auto"                     # auto (bf16 where the CPU or GPU has it), bf16, fp32
+    device: str = "auto"                        # auto, cpu, cuda
+    threads: int = 0                            # torch threads for inference; 0: torch's default
+    max_batch: int = 32                         # images per request, and per forward pass across requests
+    max_body_bytes: int = 16 << 20
+    max_pixels: int = 24_000_000                # width × height of one image, checked before it is decoded
+    url_hosts: list[str] = field(default_factory=list)
+    url_timeout: float = 5.0                    # seconds for the whole fetch, redirects included
+    url_max_bytes: int = 10 << 20
+    url_max_redirects: int = 3
+    unsafe_url_addresses: list[str] = field(default_factory=list)

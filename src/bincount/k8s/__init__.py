@@ -1,0 +1,1 @@
+"""bincount on Kubernetes: resource builders (the one source of every manifest) and the launchers."""

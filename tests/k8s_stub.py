@@ -1,0 +1,196 @@
+"""STUB Kubernetes API server: the one stub this project's tests allow (a test helper, not a fixture file).
+
+No control plane can run here, so the launchers (bincount.k8s.launch) talk through the real `kubernetes` client to
+this small HTTP server on 127.0.0.1. It answers only what they use: API discovery, custom-object create / get /
+delete, pod lists and pod logs, with the API server's status codes and Status bodies. Each object's `status` is
+scripted by the test (every GET moves to the next one). The resources the tests create are the real builders'
+output; their validity is checked elsewhere against the real CRDs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from kubernetes import client
+
+SERVED = {
+    "kubeflow.org/v1": {"pytorchjobs": "PyTorchJob"},
+    "kubeflow.org/v1beta1": {"experiments": "Experiment", "trials": "Trial"},
+    "serving.kserve.io/v1beta1": {"inferenceservices": "InferenceService"},
+}
+CUSTOM = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
+                    r"(?:/(?P<name>[^/]+))?$")
+DISCOVERY = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)$")
+PODS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods$")
+LOG = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/log$")
+
+
+class StubKubeAPI:
+    """Start with `with StubKubeAPI() as api:`; `api.client()` is an ApiClient pointed at it."""
+
+    def __init__(self) -> None:
+        self.served = {gv: dict(resources) for gv, resources in SERVED.items()}
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.statuses: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.pods: list[dict[str, Any]] = []
+        self.logs: dict[str, str] = {}
+        self.forbidden = False
+        self.created: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.stub = self
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> StubKubeAPI:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def client(self) -> client.ApiClient:
+        configuration = client.Configuration(host=self.url)
+        configuration.retries = 0
+        return client.ApiClient(configuration)
+
+    def script(self, plural: str, name: str, statuses: list[dict[str, Any]]) -> None:
+        """The statuses successive GETs of that object return; the last one repeats."""
+        self.statuses[(plural, name)] = list(statuses)
+
+    def add(self, body: dict[str, Any]) -> None:
+        """An object the cluster already has (for instance the trials Katib created)."""
+        self.objects[(body["kind"].lower() + "s", body["metadata"]["name"])] = body
+
+    def add_pod(self, name: str, labels: dict[str, str], phase: str = "Running", log: str = "",
+                container_statuses: list[dict[str, Any]] | None = None,
+                conditions: list[dict[str, Any]] | None = None) -> None:
+        self.pods.append({"metadata": {"name": name, "namespace": "bincount", "labels": labels,
+                                       "creationTimestamp": f"2026-01-01T00:00:{len(self.pods):02d}Z"},
+                          "status": {"phase": phase, "containerStatuses": container_statuses or [],
+                                     "conditions": conditions or []}})
+        self.logs[name] = log
+
+
+def _selector(text: str) -> dict[str, str]:
+    """Equality-based label selectors (`a=b,c=d`), the only kind the launchers send."""
+    return dict(term.split("=", 1) for term in text.split(",") if term)
+
+
+def _status(code: int, message: str, reason: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "stub-kube-apiserver"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    @property
+    def stub(self) -> StubKubeAPI:
+        return self.server.stub
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    def _send(self, code: int, body: Any, content_type: str = "application/json") -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _not_found(self) -> None:
+        self._send(404, _status(404, "the server could not find the requested resource", "NotFound"))
+
+    def _route(self, method: str) -> None:
+        url = urlparse(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        with self.stub._lock:
+            if method == "GET" and (m := DISCOVERY.match(url.path)):
+                return self._discovery(f"{m['group']}/{m['version']}")
+            if m := CUSTOM.match(url.path):
+                return self._custom(method, m, body, query)
+            if method == "GET" and (m := PODS.match(url.path)):
+                return self._pods(query.get("labelSelector", ""))
+            if method == "GET" and (m := LOG.match(url.path)):
+                return self._log(m["name"], query)
+        self._not_found()
+
+    def _discovery(self, group_version: str) -> None:
+        resources = self.stub.served.get(group_version)
+        if resources is None:
+            return self._not_found()
+        self._send(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
+                         "resources": [{"name": plural, "singularName": kind.lower(), "namespaced": True,
+                                        "kind": kind, "verbs": ["create", "delete", "get", "list", "watch"]}
+                                       for plural, kind in resources.items()]})
+
+    def _custom(self, method: str, m: re.Match[str], body: dict[str, Any] | None, query: dict[str, str]) -> None:
+        group, version, plural, name = m["group"], m["version"], m["plural"], m["name"]
+        if plural not in self.stub.served.get(f"{group}/{version}", {}):
+            return self._not_found()
+        if self.stub.forbidden:
+            verb = {"POST": "create", "GET": "get" if name else "list", "DELETE": "delete"}[method]
+            return self._send(403, _status(
+                403, f'{plural}.{group} is forbidden: User "system:serviceaccount:bincount:default" cannot {verb} '
+                     f'resource "{plural}" in API group "{group}" in the namespace "{m["ns"]}"', "Forbidden"))
+        if method == "POST":
+            key = (plural, body["metadata"]["name"])
+            if key in self.stub.objects:
+                return self._send(409, _status(409, f'{plural}.{group} "{key[1]}" already exists', "AlreadyExists"))
+            self.stub.created.append(json.loads(json.dumps(body)))
+            self.stub.objects[key] = {**body, "metadata": {**body["metadata"], "uid": f"uid-{len(self.stub.created)}"}}
+            return self._send(201, self.stub.objects[key])
+        if name is None:
+            wanted = _selector(query.get("labelSelector", ""))
+            items = [o for (p, _), o in self.stub.objects.items()
+                     if p == plural and wanted.items() <= (o["metadata"].get("labels") or {}).items()]
+            return self._send(200, {"kind": "List", "apiVersion": f"{group}/{version}", "items": items})
+        key = (plural, name)
+        if key not in self.stub.objects:
+            return self._send(404, _status(404, f'{plural}.{group} "{name}" not found', "NotFound"))
+        if method == "DELETE":
+            del self.stub.objects[key]
+            return self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+        script = self.stub.statuses.get(key) or [{}]
+        status = script.pop(0) if len(script) > 1 else script[0]
+        self._send(200, {**self.stub.objects[key], "status": status})
+
+    def _pods(self, selector: str) -> None:
+        wanted = _selector(selector)
+        items = [p for p in self.stub.pods if wanted.items() <= p["metadata"]["labels"].items()]
+        self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+
+    def _log(self, pod: str, query: dict[str, str]) -> None:
+        if pod not in self.stub.logs:
+            return self._send(404, _status(404, f'pods "{pod}" not found', "NotFound"))
+        lines = self.stub.logs[pod].splitlines(keepends=True)
+        if "tailLines" in query:
+            lines = lines[-int(query["tailLines"]):]
+        self._send(200, "".join(lines), "text/plain")
+
