@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bincount.config import (DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig, SyntheticConfig,
-                             TrainConfig, load_config)
+                             TrainConfig, TuneJob, load_config)
 from bincount.errors import BincountError
 
 Handler = Callable[[argparse.Namespace], None]
@@ -78,6 +78,27 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(evaluate(cfg).summary())
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from bincount.tune.katib import run_katib
+    from bincount.tune.local import run_local
+
+    job = load_config(TuneJob, args.config, _options(
+        args, "store", "dataset", "space", "experiment", "workdir", "timeout", "poll"))
+    result = {"local": run_local, "kubernetes": run_katib}[args.backend](job)
+    print(result.table())
+    print(result.summary())
+
+
+def cmd_tune_render(args: argparse.Namespace) -> None:
+    from bincount.config import ClusterConfig
+    from bincount.k8s.manifests import DATASET, dump
+    from bincount.tune.space import load_space
+
+    space = load_space(args.space)
+    print(dump([space.render(args.experiment or space.name, args.store or ClusterConfig().store,
+                             args.dataset or DATASET)]), end="")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from bincount.serve.predictor import serve
 
@@ -142,7 +163,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bincount", description=__doc__.splitlines()[0])
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,train,evaluate,manifests,serve}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,train,evaluate,tune,manifests,serve}")
 
     data = groups.add_parser("data", help="get, prepare and explore bin images")
     data_cmds = data.add_subparsers(dest="command", required=True)
@@ -235,6 +256,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     _add_config(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = groups.add_parser("tune", help="hyperparameter search from one tuning.yaml: optuna locally, Katib on a "
+                          "cluster; `tune render` prints the Katib Experiment")
+    p.add_argument("--store", help="store root holding datasets/NAME/; outputs go to tuning/EXPERIMENT/")
+    p.add_argument("--dataset", help="dataset name (tuning reads its train and val splits, never test)")
+    p.add_argument("--space", help="search space YAML (default: the tuning.yaml packaged with bincount)")
+    p.add_argument("--backend", choices=["local", "kubernetes"], default="local",
+                   help="local: an optuna study running torchrun trials; kubernetes: a Katib Experiment")
+    p.add_argument("--experiment", help="experiment name (default: the space's name); rerun it to resume")
+    p.add_argument("--workdir", help="local: the study's working copy and trial logs")
+    p.add_argument("--timeout", type=float, help="kubernetes: seconds to follow the Experiment (default: to the end)")
+    p.add_argument("--poll", type=float, help="kubernetes: seconds between status reads (default 10)")
+    _add_config(p)
+    p.set_defaults(func=cmd_tune)
+    tune_cmds = p.add_subparsers(dest="command")
+    r = tune_cmds.add_parser("render", help="print the Katib Experiment YAML (for kubectl apply or the Katib UI)")
+    for name, help_text in (("--space", "search space YAML (default: the packaged tuning.yaml)"),
+                            ("--experiment", "Experiment name (default: the space's name)"),
+                            ("--store", "store the trials use (default: the cluster's MinIO, s3://bincount)"),
+                            ("--dataset", "dataset the trials train on (default: abid)")):
+        r.add_argument(name, default=argparse.SUPPRESS, help=help_text)
+    r.set_defaults(func=cmd_tune_render)
 
     p = groups.add_parser("serve", help="serve an exported model with kserve's ModelServer (V1 + V2, upload page)")
     p.add_argument("--model", help="model directory (KServe mounts /mnt/models) or store URI")

@@ -144,6 +144,20 @@ class EvaluateConfig:
     device: str = "auto"
 
 
+@dataclass
+class TuneJob:
+    """One hyperparameter search: a search space (tuning.yaml) run against a prepared dataset, on either backend.
+    The outputs land in `tuning/<experiment>/`; rerunning the same experiment resumes it."""
+
+    store: str
+    dataset: str
+    space: str = ""                             # tuning.yaml; "": the default packaged with bincount
+    experiment: str = ""                        # "": the space's name
+    workdir: str = ""                           # local: study copy, trial logs; "": under $BINCOUNT_CACHE/tuning
+    timeout: float = 0.0                        # kubernetes: seconds to follow the Experiment; 0: until it ends
+    poll: float = 10.0                          # kubernetes: seconds between status reads
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:
     values: dict[str, Any] = {}
     if path is not None:

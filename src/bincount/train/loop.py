@@ -1,0 +1,559 @@
+"""The trainer: one entrypoint for a single process, `torchrun --nproc_per_node N` and a PyTorchJob.
+
+`train` reads top to bottom: set up (process group, data, model, recipe, checkpoint), then for each epoch
+train, validate, checkpoint and print the metric line, then export the best model. Rank 0 alone writes to the
+store and to stdout; stdout carries nothing but metric lines (`epoch=3 train_loss=1.21 … lr=0.0004`, the form
+Katib's StdOut collector parses); progress goes to stderr.
+
+A fixed seed makes a CPU run reproducible, across a kill and resume too: the sampler's order is a function of
+(seed, epoch), DataLoader workers are seeded from the main process's RNG as each epoch starts, and the
+checkpoint keeps every rank's RNG state at the epoch boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from bincount.config import TrainConfig, to_dict
+from bincount.data.dataset import BinImages, ImageCache, Item, load_split
+from bincount.errors import BincountError, ConfigError
+from bincount.store import KeyNotFoundError, Store, open_store
+from bincount.train import distributed, features, models, presets, report
+from bincount.train.distributed import Dist
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle", "constant")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+MONITORS = ("val_accuracy", "val_loss")
+RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_mae", "lr")
+# A resume with other values here would silently continue a different model.
+RESUME_KEYS = ("dataset", "arch", "weights", "freeze", "classes", "image_size", "feature_cache", "batch_size",
+               "accumulate")
+
+
+class NonFiniteLossError(BincountError):
+    pass
+
+
+@dataclass
+class RunState:
+    """What besides weights and optimizer a resume needs; saved in every checkpoint."""
+
+    epoch: int = 0
+    best: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    run: str
+    model_uri: str
+    best_epoch: int
+    best: dict
+    epochs: int
+    resumed_from: int
+    is_main: bool
+
+    def summary(self) -> str:
+        """One line for stdout, free of `name=value` pairs so that no collector mistakes it for a metric."""
+        resumed = f" (resumed after epoch {self.resumed_from})" if self.resumed_from else ""
+        return (f"run {self.run}: {self.epochs} epoch(s){resumed}; best epoch {self.best_epoch} with val accuracy "
+                f"{self.best['val_accuracy']:.4f}, val loss {self.best['val_loss']:.4f}; model at {self.model_uri}")
+
+
+def checkpoint_key(run: str, name: str = "last.pt") -> str:
+    return f"checkpoints/{run}/{name}"
+
+
+def model_prefix(run: str) -> str:
+    return f"models/{run}"
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    d = distributed.init(cfg.device)
+    try:
+        return _train(cfg, d)
+    finally:
+        distributed.close(d)
+
+
+def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
+    log = _logger(d)
+
+    # ---- setup: everything that can fail on bad input, checked on every rank before any collective
+    with distributed.phase(d):
+        validate(cfg)
+        cfg = resolve(cfg, d)
+        store = open_store(cfg.store)
+        splits = {s: load_split(store, cfg.dataset, s, cfg.classes) for s in ("train", "val")}
+        ckpt = load_checkpoint(store, cfg) if cfg.resume else None
+        criterion = nn.CrossEntropyLoss(weight=class_weights(cfg, splits["train"]),
+                                        label_smoothing=cfg.label_smoothing).to(d.device)
+        seed_everything(cfg.seed)
+        model, weights_id = models.build_model(cfg.arch, len(cfg.classes), cfg.weights)
+        models.apply_freeze(model, cfg.freeze)
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    model.to(d.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    autocast = _autocast(cfg.precision, d.device)
+    log(f"run {cfg.run}: {cfg.arch} ({weights_id}), freeze {cfg.freeze}, {cfg.precision}, "
+        f"{'channels_last' if cfg.channels_last else 'NCHW'}, {d.world} process(es) on {d.device.type}")
+
+    # ---- data: the local image cache, then images or (frozen backbone) cached features
+    fast = cfg.freeze == "backbone" and cfg.feature_cache
+    feature_keys = {s: features.feature_key(cfg.dataset, s, items, cfg.arch,
+                                            weights_id if weights_id != "none" else f"none-seed{cfg.seed}",
+                                            cfg.image_size, cfg.precision) for s, items in splits.items()}
+    with distributed.phase(d):
+        cached = {s: fast and store.exists(k) for s, k in feature_keys.items()} if d.main else None
+    cached = distributed.broadcast(d, cached)
+    cache = ImageCache(store, cfg.cache_dir, cfg.cache_size)
+    with distributed.phase(d):
+        if d.local_rank == 0:
+            start = time.perf_counter()
+            fetched = cache.fill([i.key for s, items in splits.items() if not cached[s] for i in items],
+                                 cfg.prefetch_workers)
+            if fetched:
+                log(f"image cache {cache.local.root}: {fetched} image(s) in {time.perf_counter() - start:.1f} s")
+    eval_images = {s: BinImages(items, cache, presets.eval_transform(cfg.image_size), cfg.classes)
+                   for s, items in splits.items()}
+    if fast:
+        def compute(images):
+            return features.extract(model, images, cfg.batch_size, cfg.workers, d.device, autocast,
+                                    cfg.channels_last)
+
+        train_set, val_set = (features.load_or_compute(store, feature_keys[s], eval_images[s].targets, compute,
+                                                       None if cached[s] else eval_images[s], d, log)
+                              for s in ("train", "val"))
+        net: nn.Module = models.head(model)
+        prepare = _to_device(d.device)
+    else:
+        train_set = BinImages(splits["train"], cache, presets.train_transform(cfg.image_size, cfg.augment),
+                              cfg.classes)
+        val_set = eval_images["val"]
+        net = model
+        prepare = _to_input(d.device, cfg.channels_last)
+    workers = 0 if fast else cfg.workers        # features are in memory already
+    sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                              pin_memory=d.device.type == "cuda", drop_last=len(sampler) >= cfg.batch_size)
+    val_loader = DataLoader(Subset(val_set, range(d.rank, len(val_set), d.world)), batch_size=cfg.batch_size,
+                            num_workers=workers, pin_memory=d.device.type == "cuda")
+
+    # ---- recipe
+    optimizer = make_optimizer(net, cfg)
+    scheduler = make_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.accumulate))
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
+
+    # ---- resume
+    state = RunState()
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = RunState(**ckpt["state"])
+        restore_rng(ckpt["rng"], d, cfg.seed)
+        log(f"resuming run {cfg.run} from {store.url(checkpoint_key(cfg.run))} after epoch {state.epoch}")
+    else:
+        seed_everything(cfg.seed + 1 + d.rank)
+    resumed_from = state.epoch
+    ddp_net = (DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+               if d.world > 1 else net)
+
+    # ---- epochs
+    first_epoch = state.epoch + 1
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if state.stopped_early:
+            break
+        sampler.set_epoch(epoch)
+        timer = report.EpochTimer()
+        profiler = _start_profiler(cfg, d) if epoch == first_epoch else None
+        train_stats = train_epoch(ddp_net, net, train_loader, optimizer, scheduler, scaler, criterion, prepare,
+                                  autocast, cfg, d, epoch, timer, profiler)
+        distributed.sync_buffers(d, net)
+        val_stats = validate_epoch(net, val_loader, prepare, autocast, cfg.classes, d)
+        record = {k: _round(v) for k, v in {"epoch": epoch, **train_stats, **val_stats,
+                                            "lr": optimizer.param_groups[0]["lr"]}.items()}
+        improved = state.best is None or (record[cfg.monitor] > state.best if cfg.monitor == "val_accuracy"
+                                          else record[cfg.monitor] < state.best)
+        if improved:
+            state.best, state.best_epoch, state.bad_epochs = record[cfg.monitor], epoch, 0
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch
+        state.stopped_early = cfg.patience > 0 and state.bad_epochs >= cfg.patience and epoch < cfg.epochs
+        state.history.append({**record, **timer.stats()})
+        rngs = distributed.all_gather(d, rng_state())
+        with distributed.phase(d):
+            if d.main:
+                save_checkpoint(store, cfg, net, model, optimizer, scheduler, scaler, state, rngs, improved)
+                if profiler is not None:
+                    _upload_trace(store, cfg.run, profiler)
+        if d.main:
+            print(metric_line(record), flush=True)
+            stats = state.history[-1]
+            log(f"epoch {epoch}/{cfg.epochs}: {stats['epoch_time_s']:.1f} s, "
+                f"{len(sampler) * d.world / stats['epoch_time_s']:.0f} img/s, "
+                f"data wait {stats['data_wait_share']:.0%}, {stats['step_outliers']} slow step(s)")
+            for flag in report.flags(state.history):
+                log(f"warning: {flag}")
+        if state.stopped_early:
+            log(f"early stop: no {cfg.monitor} improvement for {cfg.patience} epoch(s)")
+            break
+
+    # ---- export: the replicas must agree, then rank 0 writes the best model and the report
+    digest = weights_digest(net.state_dict())
+    digests = distributed.all_gather(d, digest)
+    log(f"rank {d.rank}: final weights sha256 {digest}", every_rank=True)
+    with distributed.phase(d):
+        if len(set(digests)) > 1:
+            raise BincountError(f"DDP replicas diverged: final weights differ between ranks ({digests})")
+        if d.main:
+            export(store, cfg, state)
+            report.write(store, cfg.run, state.history)
+    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
+    return TrainResult(cfg.run, store.url(model_prefix(cfg.run)), state.best_epoch,
+                       {k: best[k] for k in METRIC_KEYS}, state.epoch, resumed_from, d.main)
+
+
+def train_epoch(ddp_net: nn.Module, net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                scheduler, scaler: torch.amp.GradScaler, criterion: nn.Module, prepare: Callable,
+                autocast: Callable, cfg: TrainConfig, d: Dist, epoch: int, timer: report.EpochTimer,
+                profiler) -> dict[str, float]:
+    models.train_mode(net)
+    totals = torch.zeros(3, dtype=torch.float64, device=d.device)    # loss sum, correct, samples
+    optimizer.zero_grad(set_to_none=True)
+    batches = len(loader)
+    for i, (x, y) in enumerate(loader):
+        timer.batch_ready()
+        x, y = prepare(x), y.to(d.device, non_blocking=True)
+        step_now = (i + 1) % cfg.accumulate == 0 or i + 1 == batches
+        with contextlib.nullcontext() if step_now or d.world == 1 else ddp_net.no_sync():
+            with autocast():
+                logits = ddp_net(x)
+            loss = criterion(logits.float(), y)
+            _check_finite(loss, d, cfg.run, epoch, i + 1)
+            scaler.scale(loss / cfg.accumulate).backward()
+        if step_now:
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                               torch.tensor(float(len(y)), dtype=torch.float64, device=d.device)])
+        timer.step_done()
+        if profiler is not None:
+            profiler.step()
+    if profiler is not None:
+        profiler.stop()
+    loss_sum, correct, n = distributed.all_sum(d, totals).tolist()
+    return {"train_loss": loss_sum / n, "train_accuracy": correct / n}
+
+
+@torch.no_grad()
+def validate_epoch(net: nn.Module, loader: DataLoader, prepare: Callable, autocast: Callable,
+                   classes: Sequence[int], d: Dist) -> dict[str, float]:
+    """Loss (plain cross-entropy, comparable across recipes), accuracy and mean absolute count error."""
+    net.eval()
+    values = torch.tensor(list(classes), dtype=torch.float64, device=d.device)
+    totals = torch.zeros(4, dtype=torch.float64, device=d.device)    # loss sum, correct, abs error, samples
+    for x, y in loader:
+        x, y = prepare(x), y.to(d.device, non_blocking=True)
+        with autocast():
+            logits = net(x)
+        logits = logits.float()
+        pred = logits.argmax(1)
+        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), (pred == y).sum().double(),
+                               (values[pred] - values[y]).abs().sum(),
+                               torch.tensor(float(len(y)), dtype=torch.float64, device=d.device)])
+    loss_sum, correct, abs_err, n = distributed.all_sum(d, totals).tolist()
+    return {"val_loss": loss_sum / n, "val_accuracy": correct / n, "val_mae": abs_err / n}
+
+
+def _check_finite(loss: torch.Tensor, d: Dist, run: str, epoch: int, step: int) -> None:
+    """Collective, so that every rank stops at the same step; nothing of this epoch reaches the store."""
+    value = loss.item()
+    error = None if math.isfinite(value) else NonFiniteLossError(
+        f"loss became {value} at epoch {epoch}, step {step} of run {run}; the last checkpoint (if any) is "
+        "untouched. Lower --lr, set grad_clip, or check the weights and data")
+    distributed.agree(d, error)
+
+
+def metric_line(record: dict) -> str:
+    return " ".join(f"{k}={_format(record[k])}" for k in METRIC_KEYS)
+
+
+def _format(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+def _round(value: float) -> float:
+    return value if isinstance(value, int) else float(f"{value:.6g}")
+
+
+# ---- configuration
+
+def validate(cfg: TrainConfig) -> None:
+    problems = []
+    if not RUN_RE.match(cfg.run or ""):
+        problems.append(f"run id {cfg.run!r} must start with a letter or digit and hold only letters, digits, "
+                        "'.', '_' and '-'")
+    if cfg.arch not in models.architectures():
+        problems.append(f"unknown architecture {cfg.arch!r}; valid: {', '.join(models.architectures())}")
+    for name, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
+                        ("augment", presets.AUGMENTS), ("monitor", MONITORS)):
+        if getattr(cfg, name) not in valid:
+            problems.append(f"unknown {name} {getattr(cfg, name)!r}; valid: {', '.join(valid)}")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("image_size", 16),
+                      ("patience", 0), ("profile", 0), ("prefetch_workers", 1)):
+        if getattr(cfg, name) < low:
+            problems.append(f"{name} must be at least {low}, got {getattr(cfg, name)}")
+    for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "grad_clip", "label_smoothing"):
+        if not getattr(cfg, name) >= 0:
+            problems.append(f"{name} must be 0 or more, got {getattr(cfg, name)}")
+    if not cfg.lr > 0 or not cfg.label_smoothing < 1:
+        problems.append(f"lr must be above 0 and label_smoothing below 1, got {cfg.lr} and {cfg.label_smoothing}")
+    if cfg.cache_size and cfg.cache_size < cfg.image_size:
+        problems.append(f"cache_size {cfg.cache_size} is below image_size {cfg.image_size}; use 0 for originals")
+    if not cfg.classes or len(set(cfg.classes)) != len(cfg.classes):
+        problems.append(f"classes must be distinct item counts, got {cfg.classes}")
+    if isinstance(cfg.class_weights, str) and cfg.class_weights not in ("none", "balanced"):
+        problems.append(f"class_weights must be none, balanced or one weight per class, got {cfg.class_weights!r}")
+    if isinstance(cfg.class_weights, list) and (len(cfg.class_weights) != len(cfg.classes)
+                                                or min(cfg.class_weights) <= 0):
+        problems.append(f"class_weights needs {len(cfg.classes)} positive weights, got {cfg.class_weights}")
+    if problems:
+        raise ConfigError("train: " + "; ".join(problems))
+
+
+def resolve(cfg: TrainConfig, d: Dist) -> TrainConfig:
+    """The config as it will run: `auto` values decided for this machine (this is what the model records)."""
+    cuda = d.device.type == "cuda"
+    precision = cfg.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else (
+            "bf16" if _cpu_has_bf16() else "fp32")
+    if precision == "fp16" and not cuda:
+        raise ConfigError("precision fp16 needs a GPU (it trains with a GradScaler); use bf16 or fp32 on a CPU")
+    if precision == "bf16" and not cuda and not _cpu_has_bf16():
+        print("bincount train: warning: this CPU lacks AVX512-BF16/AMX; bf16 will be slow", file=sys.stderr)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else (cuda or precision == "bf16")
+    workers = cfg.workers if cfg.workers >= 0 else min(4, max(0, (os.cpu_count() or 1) // d.local_world - 1))
+    return dataclasses.replace(cfg, precision=precision, channels_last=channels_last, workers=workers)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def class_weights(cfg: TrainConfig, items: Sequence[Item]) -> torch.Tensor | None:
+    if cfg.class_weights == "none":
+        return None
+    if cfg.class_weights == "balanced":
+        counts = Counter(item.label for item in items)
+        empty = [c for c in cfg.classes if not counts[c]]
+        if empty:
+            raise ConfigError(f"class_weights balanced: no training images of class(es) {empty}")
+        return torch.tensor([len(items) / (len(cfg.classes) * counts[c]) for c in cfg.classes])
+    return torch.tensor(cfg.class_weights, dtype=torch.float32)
+
+
+def make_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay on weights only, not on biases and normalization parameters."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Stepped once per optimizer step; warmup is linear from lr/warmup_steps."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(total, int(cfg.warmup_epochs * steps_per_epoch))
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=warmup / total if warmup else 0.3)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _to_input(device: torch.device, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: presets.to_input(x, device, channels_last)
+
+
+def _to_device(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x.to(device, non_blocking=True)
+
+
+# ---- randomness
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "python": random.getstate()}
+
+
+def restore_rng(states: list[dict], d: Dist, seed: int) -> None:
+    """Each rank's own state; with another world size there is none to take, so reseed deterministically."""
+    if len(states) != d.world:
+        seed_everything(seed + 1 + d.rank + 1000 * len(states))
+        return
+    s = states[d.rank]
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = s["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# ---- store: checkpoints, export
+
+def _save(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_checkpoint(store: Store, cfg: TrainConfig) -> dict | None:
+    key = checkpoint_key(cfg.run)
+    try:
+        data = store.get(key)
+    except KeyNotFoundError:
+        return None
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BincountError(f"checkpoint {store.url(key)} cannot be read ({e}); delete it or use another --run"
+                            ) from None
+    saved, now = ckpt.get("config", {}), to_dict(cfg)
+    changed = [f"{k} {saved.get(k)!r} → {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"run {cfg.run!r} has a checkpoint made with other settings ({'; '.join(changed)}); "
+                          "use the same settings to resume or another --run to start afresh")
+    return ckpt
+
+
+def save_checkpoint(store: Store, cfg: TrainConfig, net: nn.Module, model: nn.Module, optimizer, scheduler,
+                    scaler, state: RunState, rngs: list[dict], improved: bool) -> None:
+    """best.pt (the whole model) when it improved, then last.pt, then the metric log; each write atomic."""
+    if improved:
+        store.put(checkpoint_key(cfg.run, "best.pt"), _save(model.state_dict()))
+    store.put(checkpoint_key(cfg.run), _save({
+        "net": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "state": dataclasses.asdict(state), "rng": rngs, "config": to_dict(cfg)}))
+    store.put_text(checkpoint_key(cfg.run, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in state.history))
+
+
+def export(store: Store, cfg: TrainConfig, state: RunState) -> None:
+    """models/<run>/model.pt (the best epoch's weights), then model.json, whose presence marks it complete."""
+    prefix = model_prefix(cfg.run)
+    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
+    store.put(f"{prefix}/{models.MODEL_FILE}", store.get(checkpoint_key(cfg.run, "best.pt")))
+    meta = {"arch": cfg.arch, "classes": list(cfg.classes), "input_size": cfg.image_size,
+            "resize": presets.RESIZE_MODE, "mean": list(presets.IMAGENET_MEAN), "std": list(presets.IMAGENET_STD),
+            "best_epoch": state.best_epoch, "metrics": {k: best[k] for k in METRIC_KEYS if k != "epoch"},
+            "epochs": state.epoch, "config": to_dict(cfg)}
+    store.put_text(f"{prefix}/{models.META_FILE}", json.dumps(meta, indent=2) + "\n")
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- logging and profiling
+
+def _logger(d: Dist) -> Callable[..., None]:
+    def log(message: str, every_rank: bool = False) -> None:
+        if d.main or every_rank:
+            sys.stderr.write(f"bincount train: {message}\n")   # one write: ranks share the stream
+            sys.stderr.flush()
+    return log
+
+
+def _start_profiler(cfg: TrainConfig, d: Dist):
+    """torch.profiler over `cfg.profile` steps (after one warmup step) of this process's first epoch."""
+    if not (cfg.profile and d.main):
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if d.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    path = Path(tempfile.gettempdir()) / f"bincount-trace-{cfg.run}-{os.getpid()}.json"
+    profiler = torch.profiler.profile(activities=activities,
+                                      schedule=torch.profiler.schedule(wait=0, warmup=1, active=cfg.profile),
+                                      on_trace_ready=lambda p: p.export_chrome_trace(str(path)))
+    profiler.trace_path = path
+    profiler.start()
+    return profiler
+
+
+def _upload_trace(store: Store, run: str, profiler) -> None:
+    path = profiler.trace_path
+    if path.is_file():
+        store.put_file(f"{report.report_prefix(run)}/trace.json", path)
+        path.unlink()

@@ -1,0 +1,87 @@
+"""Evaluation: the metrics against hand-computed values, the KFP confusion-matrix shape, and `bincount evaluate`
+on a model the trainer exported."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bincount.cli import main
+from bincount.data.dataset import BinImages, ImageCache, load_split
+from bincount.evaluate import compute_metrics, kfp_confusion_matrix
+from bincount.store import open_store
+from bincount.train.loop import train
+from bincount.train.models import load_exported
+from bincount.train.presets import eval_transform, to_input
+from training_data import DATASET, make_store, tiny_config
+from training_data import one_torch_thread  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_metrics_match_hand_computed_values():
+    truth = [1, 1, 2, 2, 3, 5]
+    predicted = [1, 2, 2, 2, 5, 4]
+    m = compute_metrics(truth, predicted, [1, 2, 3, 4, 5])
+    assert m["samples"] == 6 and m["accuracy"] == pytest.approx(3 / 6)
+    assert m["confusion_matrix"] == [[1, 1, 0, 0, 0], [0, 2, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0],
+                                     [0, 0, 0, 1, 0]]
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0 + 0) / 4)      # class 4 has no support
+    assert m["mae"] == pytest.approx((0 + 1 + 0 + 0 + 2 + 1) / 6)
+    assert m["rmse"] == pytest.approx(math.sqrt((1 + 4 + 1) / 6))
+    assert m["within_one_accuracy"] == pytest.approx(5 / 6)
+    assert m["per_class"]["2"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8),
+                                   "support": 2}
+    assert m["per_class"]["4"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_confusion_matrix_has_kfps_classification_metrics_shape():
+    dsl = pytest.importorskip("kfp.dsl")
+    matrix = [[3, 1], [0, 4]]
+    artifact = dsl.ClassificationMetrics(name="metrics")
+    artifact.log_confusion_matrix(["1", "2"], matrix)
+    assert kfp_confusion_matrix([1, 2], matrix) == artifact.metadata
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    store = make_store(tmp_path_factory.mktemp("store"), n=60)
+    cache = tmp_path_factory.mktemp("cache")
+    train(tiny_config(store, "evalrun", cache, epochs=1))
+    return store, cache
+
+
+def test_evaluate_writes_metrics_confusion_matrix_and_png(trained, tmp_path, capsys):
+    store, cache = trained
+    out = tmp_path / "out"
+    code = main(["evaluate", "--store", store, "--model", "evalrun", "--dataset", DATASET, "--split", "test",
+                 "--out", str(out), "--cache-dir", str(cache), "--workers", "0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "=" not in captured.out and "accuracy" in captured.out
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    items = load_split(open_store(store), DATASET, "test", [1, 2, 3, 4, 5])
+    model, meta = load_exported(f"{store}/models/evalrun")
+    cached = ImageCache(open_store(store), cache, meta["config"]["cache_size"])
+    images = BinImages(items, cached, eval_transform(meta["input_size"]), meta["classes"])
+    with torch.no_grad():
+        x = torch.stack([images[i][0] for i in range(len(images))])
+        predicted = model(to_input(x, torch.device("cpu"), channels_last=False)).argmax(1).tolist()
+    assert metrics == {**metrics, **compute_metrics([i.label for i in items], [p + 1 for p in predicted],
+                                                    [1, 2, 3, 4, 5])}
+    assert metrics["samples"] == len(items) and metrics["split"] == "test"
+
+    cm = json.loads((out / "confusion_matrix.json").read_text())["confusionMatrix"]
+    assert [r["row"] for r in cm["rows"]] == metrics["confusion_matrix"]
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_without_a_model_fails_with_one_clear_error(trained, tmp_path, capsys):
+    store, cache = trained
+    code = main(["evaluate", "--store", store, "--model", "nosuch", "--dataset", DATASET, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("bincount: error:") == 1 and "no exported model" in err and "Traceback" not in err

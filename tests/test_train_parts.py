@@ -1,0 +1,215 @@
+"""The trainer's parts on their own: model factory and freeze policies, weights loading (file and S3),
+schedules, config checks, manifests, the image cache and the transforms."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from bincount.config import TrainConfig, load_config
+from bincount.data.dataset import BinImages, DataError, ImageCache, Item, load_split
+from bincount.errors import ConfigError
+from bincount.store import open_store
+from bincount.train import models, presets, report
+from bincount.train.loop import make_optimizer, make_scheduler, metric_line, validate
+from training_data import KATIB_METRIC
+
+
+def test_unknown_architecture_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        models.build_model("resnet19", 5)
+    for name in ("resnet18", "resnet50", "resnext50_32x4d", "resnext101_32x8d", "efficientnet_b0",
+                 "convnext_tiny", "mobilenet_v3_large"):
+        assert name in str(e.value)
+    assert "squeezenet1_0" not in models.architectures()
+
+
+@pytest.mark.parametrize("arch, head", [("resnet18", "fc"), ("efficientnet_b0", "classifier.1"),
+                                        ("mobilenet_v3_large", "classifier.3"), ("convnext_tiny", "classifier.2")])
+def test_new_five_class_head_replaces_the_last_linear(arch, head):
+    model, weights_id = models.build_model(arch, 5, "none")
+    assert weights_id == "none" and models.head_name(model) == head
+    assert model.get_submodule(head).out_features == 5
+    assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
+
+
+def test_freeze_policies():
+    model, _ = models.build_model("resnet18", 5, "none")
+    models.apply_freeze(model, "backbone")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
+    models.train_mode(model)
+    assert model.training and model.fc.training and not model.layer1.training and not model.bn1.training
+
+    model, _ = models.build_model("resnet18", 5, "none")
+    models.apply_freeze(model, "layer2")
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4", "fc"}
+
+    with pytest.raises(ConfigError) as e:
+        models.apply_freeze(model, "layer9")
+    assert "layer9" in str(e.value) and "layer3" in str(e.value) and "fc" not in str(e.value).split("stage:")[1]
+
+
+def test_weights_from_a_file_keep_the_backbone_and_reinitialize_a_foreign_head(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    imagenet = resnet18()                       # a 1000-class state dict, as torchvision's weights are
+    path = tmp_path / "imagenet.pt"
+    torch.save(imagenet.state_dict(), path)
+    model, weights_id = models.build_model("resnet18", 5, str(path))
+    assert weights_id.startswith("sha256-")
+    assert torch.equal(model.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
+    assert model.fc.out_features == 5
+
+    torch.save({"model": model.state_dict()}, path)          # a checkpoint with the 5-class head: loaded whole
+    again, _ = models.build_model("resnet18", 5, str(path))
+    assert torch.equal(again.fc.weight, model.fc.weight)
+
+    with pytest.raises(ConfigError, match="do not fit resnet50"):
+        models.build_model("resnet50", 5, str(path))
+    with pytest.raises(ConfigError, match="cannot read weights file"):
+        models.build_model("resnet18", 5, str(tmp_path / "nothing.pt"))
+    with pytest.raises(ConfigError, match="unknown weights 'IMAGENET9K'.*IMAGENET1K_V1"):
+        models.build_model("resnet18", 5, "IMAGENET9K")
+
+
+def test_weights_from_s3(s3_env):
+    bucket = s3_env.new_bucket("weights")
+    torch.manual_seed(1)
+    model, _ = models.build_model("resnet18", 5, "none")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    open_store(f"s3://{bucket}").put("runs/a/model.pt", buf.getvalue())
+    loaded, weights_id = models.build_model("resnet18", 5, f"s3://{bucket}/runs/a/model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ConfigError, match="do not exist"):
+        models.build_model("resnet18", 5, f"s3://{bucket}/runs/b/model.pt")
+
+
+def _lrs(schedule: str, epochs=4, steps=10, warmup=1.0) -> list[float]:
+    cfg = TrainConfig(store="s", dataset="d", run="r", lr=0.1, epochs=epochs, schedule=schedule, warmup_epochs=warmup)
+    opt = make_optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = make_scheduler(opt, cfg, steps)
+    out = []
+    for _ in range(epochs * steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules():
+    cosine = _lrs("cosine")
+    assert cosine[:10] == pytest.approx([0.01 * (i + 1) for i in range(10)])       # linear warmup
+    assert cosine[10] == pytest.approx(0.1) and cosine[-1] < 0.001
+    assert all(a >= b for a, b in zip(cosine[10:], cosine[11:]))
+    assert _lrs("constant")[10:] == pytest.approx([0.1] * 30)
+    onecycle = _lrs("onecycle")
+    assert max(onecycle) == pytest.approx(0.1, rel=1e-3) and onecycle[0] < 0.01 and onecycle[-1] < 1e-4
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model, _ = models.build_model("resnet18", 5, "none")
+    opt = make_optimizer(model, TrainConfig(store="s", dataset="d", run="r", weight_decay=0.05))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.05 and all(p.ndim > 1 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in plain["params"])
+
+
+def test_config_checks_collect_every_problem(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("store: s\ndataset: d\nrun: r\nprecision: fp8\ncache_size: 100\nimage_size: 224\n"
+                    "class_weights: [1, 2]\n")
+    cfg = load_config(TrainConfig, path, {"optimizer": "lamb"})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    for part in ("precision 'fp8'", "optimizer 'lamb'", "cache_size 100 is below image_size 224",
+                 "class_weights needs 5"):
+        assert part in str(e.value)
+    assert load_config(TrainConfig, None, {"store": "s", "dataset": "d", "run": "r",
+                                           "class_weights": "1,1,2,1,1"}).class_weights == [1, 1, 2, 1, 1]
+    with pytest.raises(ConfigError, match="run id"):
+        validate(TrainConfig(store="s", dataset="d", run="../x"))
+
+
+def test_metric_line_is_read_whole_by_katibs_regex():
+    line = metric_line({"epoch": 3, "train_loss": 1.21, "train_accuracy": 0.5, "val_loss": 1.3,
+                        "val_accuracy": 0.41, "val_mae": 0.7, "lr": 4e-05})
+    assert line == "epoch=3 train_loss=1.21 train_accuracy=0.5 val_loss=1.3 val_accuracy=0.41 val_mae=0.7 lr=4e-05"
+    assert [(name, float(value)) for name, value, *_ in KATIB_METRIC.findall(line)][-1] == ("lr", 4e-05)
+
+
+def _jpeg(size: tuple[int, int], colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_manifest_problems_are_named(tmp_path):
+    store = open_store(str(tmp_path))
+    store.put_text("datasets/d/train.jsonl", '{"key": "00221", "label": 2}\n{"key": "221", "label": 7}\n')
+    with pytest.raises(DataError, match="line 2: label 7 of key '221'"):
+        load_split(store, "d", "train", (1, 2, 3, 4, 5))
+    store.put_text("datasets/d/train.jsonl", '{"key": "00221", "label": 2}\nnot json\n')
+    with pytest.raises(DataError, match="not JSON lines"):
+        load_split(store, "d", "train", (1, 2, 3, 4, 5))
+    store.put_text("datasets/d/train.jsonl", '{"key": "00221", "label": 2}\n{"key": "221", "label": 3}\n')
+    assert load_split(store, "d", "train", (1, 2, 3, 4, 5)) == [Item("00221", 2), Item("221", 3)]
+
+
+def test_image_cache_shrinks_large_images_keeps_small_ones_and_reports_bad_ones(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    small, large = _jpeg((60, 50)), _jpeg((400, 300))
+    store.put("raw/bin-images/221.jpg", large)
+    store.put("raw/bin-images/00221.jpg", small)
+    cache = ImageCache(store, tmp_path / "cache", 96)
+    assert cache.fill(["221", "00221"], 4) == 2 and cache.fill(["221", "00221"], 4) == 0
+    assert Image.open(cache.path("221")).size == (128, 96)
+    assert cache.path("00221").read_bytes() == small
+    images = BinImages([Item("221", 3), Item("00221", 1)], cache, presets.eval_transform(32), (1, 2, 3, 4, 5))
+    x, y = images[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == 2
+    assert abs(int(x[0, 16, 16]) - 200) < 8
+
+    store.put("raw/bin-images/bad.jpg", large[:100])
+    with pytest.raises(DataError) as e:
+        cache.fill(["bad", "gone"], 4)
+    assert "1 image(s) missing" in str(e.value) and "raw/bin-images/gone.jpg" in str(e.value)
+    assert "raw/bin-images/bad.jpg" in str(e.value)
+
+
+def test_train_transform_keeps_size_and_to_input_normalizes():
+    image = torch.full((3, 70, 90), 128, dtype=torch.uint8)
+    for augment in presets.AUGMENTS:
+        assert presets.train_transform(48, augment)(image).shape == (3, 48, 48)
+    x = presets.to_input(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8), torch.device("cpu"), channels_last=True)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    expected = [(1 - m) / s for m, s in zip(presets.IMAGENET_MEAN, presets.IMAGENET_STD)]
+    assert x[0, :, 0, 0].tolist() == pytest.approx(expected)
+
+
+def test_report_flags_plateau_and_overfitting():
+    def epoch(n, train_loss, val_loss):
+        return {"epoch": n, "train_loss": train_loss, "val_loss": val_loss}
+
+    flat = [epoch(1, 1.0, 1.0), epoch(2, 0.999, 0.9), epoch(3, 0.998, 0.8), epoch(4, 0.997, 0.7)]
+    assert report.flags(flat) == ["loss plateau: train loss changed by less than 1% over epochs 1 to 4"]
+    overfit = [epoch(1, 1.0, 1.0), epoch(2, 0.8, 1.1), epoch(3, 0.6, 1.2)]
+    assert report.flags(overfit) == ["overfitting: validation loss rose while training loss fell over epochs 1 to 3"]
+    assert report.flags(overfit[:2]) == []
+
+
+def test_epoch_timer_counts_outlier_steps():
+    timer = report.EpochTimer()
+    for step in [0.001] * 30 + [0.05]:
+        timer.batch_ready()
+        time.sleep(step)
+        timer.step_done()
+    stats = timer.stats()
+    assert stats["step_outliers"] == 1 and stats["step_time_max_s"] >= 0.05
+    assert 0 <= stats["data_wait_share"] < 0.5

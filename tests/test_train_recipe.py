@@ -1,0 +1,102 @@
+"""Recipe options of the trainer, on the frozen-backbone fast path (head epochs take milliseconds): early
+stopping, gradient accumulation and clipping, class weights, the profiler trace, config file and overrides."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from bincount.cli import main
+from bincount.data.dataset import Item
+from bincount.store import open_store
+from bincount.config import TrainConfig
+from bincount.errors import ConfigError
+from bincount.train.loop import checkpoint_key, class_weights, seed_everything, train
+from bincount.train.models import build_model
+from training_data import DATASET, make_store, tiny_args, tiny_config
+from training_data import one_torch_thread  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+FAST = dict(freeze="backbone", feature_cache=True)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return make_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("image-cache")
+
+
+def _ckpt(store: str, run: str) -> dict:
+    return torch.load(io.BytesIO(open_store(store).get(checkpoint_key(run))), map_location="cpu", weights_only=True)
+
+
+def test_early_stopping_stops_after_patience_and_stays_stopped(store, cache_dir, capsys):
+    cfg = tiny_config(store, "early", cache_dir, epochs=6, patience=2, lr=1e-9, schedule="constant",
+                      monitor="val_loss", **FAST)
+    result = train(cfg)
+    assert "early stop: no val_loss improvement for 2 epoch(s)" in capsys.readouterr().err
+    ckpt = _ckpt(store, "early")
+    history = ckpt["state"]["history"]
+    assert ckpt["state"]["stopped_early"] and result.epochs == len(history) < 6
+    assert result.best_epoch == min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert len(history) - result.best_epoch == 2
+
+    again = train(cfg)                           # a rerun of a stopped run exports again, trains nothing
+    assert "=" not in capsys.readouterr().out and again.epochs == result.epochs
+
+
+def test_gradient_accumulation_counts_optimizer_steps(store, cache_dir):
+    train(tiny_config(store, "accumulate", cache_dir, batch_size=4, accumulate=3, epochs=2, **FAST))
+    batches = len(open_store(store).get_text(f"datasets/{DATASET}/train.jsonl").splitlines()) // 4
+    assert _ckpt(store, "accumulate")["scheduler"]["last_epoch"] == 2 * math.ceil(batches / 3)
+
+
+def test_gradient_clipping_bounds_each_sgd_step(store, cache_dir):
+    heads = {}
+    for run, clip in (("unclipped", 0.0), ("clipped", 1e-6)):
+        train(tiny_config(store, run, cache_dir, optimizer="sgd", momentum=0.0, weight_decay=0.0, lr=0.5,
+                          schedule="constant", epochs=1, grad_clip=clip, **FAST))
+        heads[run] = _ckpt(store, run)["net"]["weight"]
+    start = _start_head()
+    steps = _ckpt(store, "clipped")["scheduler"]["last_epoch"]
+    assert (heads["clipped"] - start).norm() <= 0.5 * 1e-6 * steps * 1.001
+    assert (heads["unclipped"] - start).norm() > 100 * (heads["clipped"] - start).norm()
+
+
+def _start_head() -> torch.Tensor:
+    """The head the runs above started from: same seed, so the same fresh head."""
+    seed_everything(0)
+    model, _ = build_model("resnet18", 5, "none")
+    return model.fc.weight.detach()
+
+
+def test_balanced_class_weights():
+    items = [Item(str(i), 1) for i in range(6)] + [Item("a", 2), Item("b", 2), Item("c", 3), Item("d", 3),
+                                                   Item("e", 4), Item("f", 5)]
+    weights = class_weights(TrainConfig(store="s", dataset="d", run="r", class_weights="balanced"), items)
+    assert weights.tolist() == pytest.approx([12 / 30, 12 / 10, 12 / 10, 12 / 5, 12 / 5])
+    with pytest.raises(ConfigError, match="no training images of class"):
+        class_weights(TrainConfig(store="s", dataset="d", run="r", class_weights="balanced",
+                                  classes=(1, 2, 3, 4, 5, 6)), items)
+
+
+def test_config_file_flags_and_profile_trace(store, cache_dir, tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text("label_smoothing: 0.05\nlr: 0.5\nfreeze: backbone\n")
+    code = main(["train", "--config", str(config), *tiny_args(store, cache_dir, epochs=1, profile=2),
+                 "--lr", "0.01", "--run", "configured"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads(open_store(store).get_text("models/configured/model.json"))["config"]
+    assert saved["label_smoothing"] == 0.05 and saved["freeze"] == "backbone"      # from the file
+    assert saved["lr"] == 0.01 and saved["epochs"] == 1                             # flags win
+    assert saved["channels_last"] is False                                          # resolved, not None
+    trace = json.loads(open_store(store).get_text("reports/configured/train/trace.json"))
+    assert trace["traceEvents"]

@@ -1,0 +1,70 @@
+"""Tiny datasets and configs shared by the training and evaluation tests: what users run (the synthetic
+generator, then prepare), only small: ~80 images, 48 px inputs, resnet18 without pretrained weights."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bincount.config import PrepareConfig, SyntheticConfig, TrainConfig
+from bincount.data.prepare import prepare
+from bincount.data.synthetic import generate
+
+DATASET = "tiny"
+KATIB_METRIC = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")
+TINY = dict(dataset=DATASET, weights="none", image_size=48, cache_size=64, epochs=2, batch_size=8, workers=0,
+            precision="fp32", warmup_epochs=0.0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process training on one thread: on a shared small machine two threads that wait for each other's
+    core make a step many times slower (subprocesses get OMP_NUM_THREADS=1 for the same reason)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_store(root: Path, n: int = 80, seed: int = 0) -> str:
+    generate(SyntheticConfig(dest=str(root), n=n, seed=seed, width=(160, 200), height=(128, 160)))
+    prepare(PrepareConfig(store=str(root), name=DATASET, workers=4))
+    return str(root)
+
+
+def tiny_config(store: str, run: str, cache_dir: Path, **overrides) -> TrainConfig:
+    return TrainConfig(store=store, run=run, cache_dir=str(cache_dir), **{**TINY, **overrides})
+
+
+def tiny_args(store: str, cache_dir: Path, **overrides) -> list[str]:
+    """The same settings as command-line flags (`--set` for those without a flag)."""
+    args = ["--store", store, "--cache-dir", str(cache_dir)]
+    for key, value in {**TINY, **overrides}.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def subprocess_env() -> dict[str, str]:
+    """One thread per process, so runs side by side on a small machine compute alike."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get(
+        "PYTHONPATH")])))
+
+
+def train_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bincount.train", *args]
+
+
+def metric_lines(stdout: str) -> list[dict[str, float]]:
+    """Every stdout line that has a `name=value` pair, parsed the way Katib's StdOut collector does."""
+    out = []
+    for line in stdout.splitlines():
+        pairs = KATIB_METRIC.findall(line)
+        if "=" in line:
+            out.append({name: float(value) for name, value, *_ in pairs})
+    return out
