@@ -1,0 +1,386 @@
+"""Serving under load: closed-loop HTTP clients on 127.0.0.1 against our predictor and a naive server.
+
+Both serve the same resnet18 at 224 px (random weights: speed does not depend on them) to the same V1
+requests, one photo each (the real ABID sample where ../shared is present, else drawn photos). The naive
+baseline is what a first version looks like: a threading HTTP server that decodes with PIL, transforms with
+torchvision and runs the model in fp32 eagerly, one request per forward pass, in whichever thread got the
+request. Ours is `bincount serve` with its defaults (one inference thread that batches whatever requests
+are waiting; BatchNorm folded into the convolutions, bf16 weights where the CPU computes bf16 natively,
+channels_last). Then a soak: 10,000 requests to ours, every tenth one bad in some way, counting 5xx answers
+and the growth of the server's RSS.
+
+The clients share the machine's cores with the server, as a sidecar load generator would. Besides rates and
+latencies it prints the server's CPU time per request (from /proc), the figure that other load on a shared
+machine disturbs least.
+
+    python benchmarks/serve_load.py [--levels 1,8,32] [--duration 10] [--soak 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abid-sample"
+V1_PATH = "/v1/models/bincount:predict"
+GOALS = {"p99_ms_at_1": 50.0, "speedup_at_32": 2.0, "rss_growth": 0.10}
+
+
+# ---- the naive baseline server (runs in its own process: `--baseline-server`)
+
+def baseline_server(model_dir: str, port: int) -> None:
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from bincount.train.models import load_exported
+
+    model, meta = load_exported(model_dir)
+    classes = meta["classes"]
+    size = meta["input_size"]
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                                    transforms.Normalize(meta["mean"], meta["std"])])
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self._reply(200, {"ready": True})
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            images = [Image.open(io.BytesIO(base64.b64decode(i["image"]["b64"]))).convert("RGB")
+                      for i in body["instances"]]
+            with torch.no_grad():
+                probabilities = model(torch.stack([transform(im) for im in images])).softmax(1)
+            self._reply(200, {"predictions": [
+                {"count": classes[int(p.argmax())], "probabilities": dict(zip(map(str, classes), p.tolist()))}
+                for p in probabilities]})
+
+        def _reply(self, status: int, content: dict) -> None:
+            data = json.dumps(content).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    ThreadingHTTPServer.request_queue_size = 128  # the default backlog of 5 would drop clients at c=32
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+# ---- model, photos, servers
+
+def export_model(root: Path) -> str:
+    from bincount.store import open_store
+    from bincount.train.models import build_model, save_exported
+    from bincount.train.presets import IMAGENET_MEAN, IMAGENET_STD
+
+    model, _ = build_model("resnet18", 5, "none")
+    meta = {"arch": "resnet18", "classes": [1, 2, 3, 4, 5], "input_size": 224, "resize": "stretch",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    save_exported(open_store(str(root)), "models/bench", model.eval(), meta)
+    return str(root / "models" / "bench")
+
+
+def photos(n: int) -> tuple[list[bytes], str]:
+    if (SHARED / "bin-images").is_dir():
+        paths = sorted((SHARED / "bin-images").glob("*.jpg"))[:n]
+        return [p.read_bytes() for p in paths], f"{len(paths)} real ABID photos"
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i in range(n):
+        image = Image.new("RGB", (480, 400), (200, 190, 170))
+        ImageDraw.Draw(image).rectangle([20 + i % 200, 30, 120 + i % 200, 160], fill=(i % 255, 90, 40))
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out, f"{n} drawn photos (../shared is absent)"
+
+
+def v1_body(*jpegs: bytes) -> bytes:
+    return json.dumps({"instances": [{"image": {"b64": base64.b64encode(j).decode()}} for j in jpegs]}).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    port: int
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the server process so far: the cost of serving, whatever else runs."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start(name: str, cmd: list[str], ready_path: str, log: Path) -> Server:
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{name} server exited:\n{log.read_text()[-2000:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", ready_path)
+            if conn.getresponse().status == 200:
+                return Server(name, proc, port)
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    sys.exit(f"{name} server did not get ready:\n{log.read_text()[-2000:]}")
+
+
+# ---- closed-loop load
+
+@dataclass
+class Stats:
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter = field(default_factory=Counter)
+    failures: int = 0          # no HTTP answer at all (connection error)
+    wall: float = 0.0
+    server_cpu: float = 0.0    # CPU seconds the server spent
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.server_cpu / max(1, len(self.latencies)) * 1000
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.wall if self.wall else 0.0
+
+
+def load(port: int, requests: list[tuple[bytes, dict]], concurrency: int, *, seconds: float = 0.0,
+         total: int = 0) -> Stats:
+    """`concurrency` clients, each sending its next request as soon as the last is answered, for `seconds`
+    or until `total` requests are done; request i is requests[i % len(requests)]."""
+    stats, lock = Stats(), threading.Lock()
+    counter = iter(range(total or 10**9))
+    stop_at = time.monotonic() + seconds if seconds else float("inf")
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while time.monotonic() < stop_at:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            body, headers = requests[i % len(requests)]
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", headers.get("path", V1_PATH), body,
+                             {"Content-Type": "application/json", **{k: v for k, v in headers.items()
+                                                                     if k != "path"}})
+                response = conn.getresponse()
+                response.read()
+                status = response.status
+                if response.getheader("connection", "").lower() == "close":
+                    conn.close()
+            except (OSError, http.client.HTTPException):
+                status = None
+                conn.close()
+            elapsed = time.perf_counter() - t0
+            with lock:
+                if status is None:
+                    stats.failures += 1
+                else:
+                    stats.statuses[status] += 1
+                    stats.latencies.append(elapsed)
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats.wall = time.perf_counter() - t0
+    return stats
+
+
+# ---- the soak's bad inputs
+
+def bad_requests(photo: bytes) -> list[tuple[str, bytes, dict]]:
+    from PIL import Image
+
+    def png(w: int, h: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("1", (w, h)).save(out, "PNG", optimize=True)
+        return out.getvalue()
+
+    v2 = {"path": "/v2/models/bincount/infer"}
+    b64 = base64.b64encode(photo).decode()
+    return [
+        ("invalid base64", json.dumps({"instances": [{"image": {"b64": "***"}}]}).encode(), {}),
+        ("non-image bytes", v1_body(b"GIF89a? no, just text"), {}),
+        ("truncated JPEG", v1_body(photo[: len(photo) // 2]), {}),
+        ("decompression bomb", v1_body(png(20000, 20000)), {}),
+        ("over the pixel cap", v1_body(png(6000, 5000)), {}),
+        ("empty batch", b'{"instances": []}', {}),
+        ("oversized batch", json.dumps({"instances": [{"image": {"b64": "AA=="}}] * 33}).encode(), {}),
+        ("oversized body", v1_body(b"\xff" * (16 << 20)), {}),
+        ("not JSON", b"{instances", {}),
+        ("V2 wrong datatype", json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "FP32",
+                                                      "data": [0.5]}]}).encode(), v2),
+        ("V2 wrong shape", json.dumps({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+                                                   "data": [b64]}]}).encode(), v2),
+    ]
+
+
+# ---- main
+
+def table(rows: list[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1,8,32", help="client concurrencies")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per level and server")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measurement")
+    parser.add_argument("--soak", type=int, default=10_000, help="soak requests (0: no soak)")
+    parser.add_argument("--soak-concurrency", type=int, default=8)
+    parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_server:
+        return baseline_server(args.model, args.port)
+
+    levels = [int(c) for c in args.levels.split(",")]
+    jpegs, source = photos(64)
+    good = [(v1_body(j), {}) for j in jpegs]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = export_model(Path(tmp))
+        print(f"resnet18 @224, {source}, {os.cpu_count()} CPU(s); {args.duration:g} s per level "
+              f"after {args.warmup:g} s of warm-up load", flush=True)
+        servers = {
+            "baseline": (["python", __file__, "--baseline-server", "--model", model_dir], "/ready"),
+            "ours": (["python", "-m", "bincount.cli", "serve", "--model", model_dir], "/v2/health/ready"),
+        }
+        results: dict[tuple[str, int], Stats] = {}
+        for name, (cmd, ready) in servers.items():
+            server = start(name, [sys.executable, *cmd[1:]], ready, Path(tmp) / f"{name}.log")
+            try:
+                for c in levels:
+                    load(server.port, good, c, seconds=args.warmup)
+                    cpu = server.cpu_s()
+                    results[name, c] = s = load(server.port, good, c, seconds=args.duration)
+                    s.server_cpu = server.cpu_s() - cpu
+                    print(f"  {name:8} c={c:<3} {s.rate:7.1f} req/s  p50 {s.percentile(0.5):7.1f} ms  "
+                          f"p99 {s.percentile(0.99):7.1f} ms  errors {errors(s)}  "
+                          f"server CPU {s.cpu_ms:5.1f} ms/request", flush=True)
+                if name == "ours" and args.soak:
+                    soak(server, jpegs, args.soak, args.soak_concurrency)
+            finally:
+                server.stop()
+
+    rows = [("concurrency", "server", "req/s", "p50 ms", "p99 ms", "errors", "ours/baseline",
+             "server CPU ms/request", "baseline/ours")]
+    for c in levels:
+        for name in servers:
+            s = results[name, c]
+            base = results["baseline", c]
+            ours = name == "ours"
+            rows.append((c, name, f"{s.rate:.1f}", f"{s.percentile(0.5):.1f}", f"{s.percentile(0.99):.1f}",
+                         errors(s), f"{s.rate / base.rate:.2f}x" if ours else "", f"{s.cpu_ms:.1f}",
+                         f"{base.cpu_ms / s.cpu_ms:.2f}x" if ours else ""))
+    print("\n" + table(rows))
+    if 1 in levels:
+        p99 = results["ours", 1].percentile(0.99)
+        print(f"p99 at concurrency 1: {p99:.1f} ms (goal ≤ {GOALS['p99_ms_at_1']:g})")
+    if 32 in levels:
+        ratio = results["ours", 32].rate / results["baseline", 32].rate
+        print(f"throughput at concurrency 32: {ratio:.2f}x the baseline (goal ≥ {GOALS['speedup_at_32']:g}x)")
+
+
+def errors(s: Stats) -> int:
+    return s.failures + sum(n for status, n in s.statuses.items() if status != 200)
+
+
+def soak(server: Server, jpegs: list[bytes], n: int, concurrency: int) -> None:
+    bad = bad_requests(jpegs[0])
+    requests, kinds = [], []
+    for i in range(n):
+        if i % 10 == 9:
+            kind, body, headers = bad[(i // 10) % len(bad)]
+            requests.append((body, headers))
+            kinds.append(kind)
+        else:
+            requests.append((v1_body(jpegs[i % len(jpegs)]), {}))
+            kinds.append("good")
+    before = server.rss_mib()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            peak.append(server.rss_mib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stats = load(server.port, requests, concurrency, total=n)
+    done.set()
+    sampler.join()
+    after = server.rss_mib()
+    server_errors = sum(count for status, count in stats.statuses.items() if status >= 500)
+    refused = sum(count for status, count in stats.statuses.items() if 400 <= status < 500)
+    n_bad = sum(k != "good" for k in kinds)
+    growth = (after - before) / before
+    print(f"\nsoak: {n} requests at concurrency {concurrency} in {stats.wall:.0f} s, {n_bad} "
+          f"of them bad ({len(bad)} kinds: {', '.join(k for k, _, _ in bad)})")
+    print(f"  statuses {dict(sorted(stats.statuses.items()))}, no answer {stats.failures}: "
+          f"{stats.statuses[200]} of {n - n_bad} good ones answered 200, {refused} of {n_bad} bad ones 4xx")
+    print(f"  RSS {before:.0f} MiB before, {after:.0f} MiB after (peak {max(peak):.0f}): "
+          f"{growth:+.1%} (goal < {GOALS['rss_growth']:.0%}); 5xx {server_errors} (goal 0)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""`bincount serve` in a child process, as the local backend deploys it: start, wait until ready, stop.
+
+kserve's ModelServer owns its process (signal handlers, its event loop), so a caller that wants to keep
+running starts it as a child. The config travels as a YAML file, so every setting reaches the child as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bincount.config import ServeConfig, to_dict
+from bincount.errors import BincountError
+
+
+@dataclass
+class LocalServer:
+    proc: subprocess.Popen
+    port: int
+    name: str
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def predict_url(self) -> str:
+        return f"{self.url}/v1/models/{self.name}:predict"
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM (the server drains and exits), then SIGKILL if it has not exited in time."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start(cfg: ServeConfig, workdir: Path, timeout_s: float = 180) -> LocalServer:
+    """The server for `cfg` once its model answers ready; `cfg.port` 0 picks a free port. `workdir` receives
+    serve.yaml and serve.log."""
+    if cfg.port == 0:
+        cfg = dataclasses.replace(cfg, port=_free_port())
+    workdir.mkdir(parents=True, exist_ok=True)
+    config, log = workdir / "serve.yaml", workdir / "serve.log"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "serve", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    server = LocalServer(proc, cfg.port, cfg.name, log)
+    deadline = time.monotonic() + timeout_s
+    while not _ready(server):
+        if proc.poll() is not None:
+            raise BincountError(f"bincount serve exited with status {proc.returncode}: {_last_line(log)}")
+        if time.monotonic() > deadline:
+            server.stop()
+            raise BincountError(f"bincount serve was not ready after {timeout_s:g} s; see {log}")
+        time.sleep(0.2)
+    return server
+
+
+def _ready(server: LocalServer) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=2)
+    try:
+        conn.request("GET", f"/v2/models/{server.name}/ready")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else f"no output (see {log})"

@@ -1,0 +1,168 @@
+"""Helpers of the serving tests: photos, a small exported model, HTTP servers on 127.0.0.1 to fetch from,
+and a trap that counts every connection made to it (a refused fetch must make none)."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from bincount.store import open_store
+from bincount.train.models import build_model, head, save_exported
+from bincount.train.presets import IMAGENET_MEAN, IMAGENET_STD
+
+CLASSES = [1, 2, 3, 4, 5]
+INPUT_SIZE = 64
+
+
+def drawn_jpeg(seed: int, size: tuple[int, int] = (320, 240)) -> bytes:
+    """A photo-like JPEG that needs no shared data: boxes on a shelf."""
+    g = torch.Generator().manual_seed(seed)
+    image = Image.new("RGB", size, (200, 190, 170))
+    draw = ImageDraw.Draw(image)
+    for _ in range(1 + seed % 5):
+        x, y = (int(v) for v in torch.randint(0, size[0] - 60, (2,), generator=g))
+        colour = tuple(int(v) for v in torch.randint(0, 255, (3,), generator=g))
+        draw.rectangle([x, y % (size[1] - 60), x + 50, y % (size[1] - 60) + 50], fill=colour)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def real_photos(sample: Path, per_class: int) -> list[tuple[bytes, int]]:
+    """(JPEG bytes, item count) pairs from the ABID sample, `per_class` of each count, in key order."""
+    out: list[tuple[bytes, int]] = []
+    taken = {c: 0 for c in CLASSES}
+    for meta in sorted((sample / "metadata").glob("*.json")):
+        label = json.loads(meta.read_text()).get("EXPECTED_QUANTITY")
+        if label in taken and taken[label] < per_class:
+            taken[label] += 1
+            out.append(((sample / "bin-images" / f"{meta.stem}.jpg").read_bytes(), label))
+    return out
+
+
+def export_model(root: str | Path, photos: list[tuple[bytes, int]]) -> str:
+    """resnet18 at INPUT_SIZE px with its head trained on `photos` (so its answers are decisive, not
+    coin flips), exported as model.pt + model.json the way the trainer exports, under `root` (a directory or
+    store URI); returns where."""
+    from bincount.serve.images import decode_image
+
+    torch.manual_seed(0)
+    model, _ = build_model("resnet18", len(CLASSES), "none")
+    model.eval()
+    if photos:
+        x = torch.stack([decode_image(data, INPUT_SIZE, 10**8, "photo") for data, _ in photos]).float() / 255
+        x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        fc = head(model)
+        model.fc = torch.nn.Identity()
+        with torch.no_grad():
+            features = model(x)
+        model.fc = fc
+        # The head fitted by least squares to logits of +8 for each photo's count and 0 for the others.
+        targets = 8 * torch.nn.functional.one_hot(torch.tensor([CLASSES.index(c) for _, c in photos]), len(CLASSES))
+        ones = torch.ones(len(photos), 1)
+        solution = torch.linalg.lstsq(torch.cat([features, ones], 1), targets.float(), driver="gelsd").solution
+        with torch.no_grad():
+            fc.weight.copy_(solution[:-1].T)
+            fc.bias.copy_(solution[-1])
+    meta = {"arch": "resnet18", "classes": CLASSES, "input_size": INPUT_SIZE, "resize": "stretch",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "best_epoch": 1, "metrics": {}, "config": {}}
+    save_exported(open_store(str(root)), "models/test", model, meta)
+    return f"{root}/models/test"
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    """A few-KB PNG whose header claims width × height pixels: what a decompression bomb looks like."""
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, "PNG", optimize=True)
+    return out.getvalue()
+
+
+class ImageServer:
+    """HTTP on 127.0.0.1: /photo.jpg, /page.html (not an image), /big.jpg (over any small cap), /slow.jpg
+    (answers after `slow_s`), /redirect (→ /photo.jpg) and /redirect-to?url=U (→ U)."""
+
+    def __init__(self, photo: bytes, big_bytes: int = 3 << 20, slow_s: float = 3.0):
+        self.photo, self.big_bytes, self.slow_s = photo, big_bytes, slow_s
+        self.paths: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.paths.append(self.path)
+                path, _, query = self.path.partition("?")
+                if path == "/photo.jpg":
+                    self._send(200, "image/jpeg", server.photo)
+                elif path == "/page.html":
+                    self._send(200, "text/html", b"<html>not an image</html>")
+                elif path == "/big.jpg":
+                    self._send(200, "image/jpeg", b"\xff" * server.big_bytes)
+                elif path == "/slow.jpg":
+                    time.sleep(server.slow_s)
+                    self._send(200, "image/jpeg", server.photo)
+                elif path == "/redirect":
+                    self._redirect("/photo.jpg")
+                elif path == "/redirect-to":
+                    self._redirect(query.removeprefix("url="))
+                else:
+                    self._send(404, "text/plain", b"not found")
+
+            def _send(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _redirect(self, location: str) -> None:
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class Trap:
+    """A listening socket on 127.0.0.1 that counts the connections it accepts."""
+
+    def __init__(self):
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._sock.close()
