@@ -20,7 +20,8 @@ import yaml
 from bincount.config import ClusterConfig, JobResources, ServingResources
 from bincount.errors import BincountError
 from bincount.k8s import platform
-from bincount.k8s.resources import ExperimentSpec, SearchParameter, experiment, inference_service, pytorchjob
+from bincount.k8s.resources import RUN_FLAG, ExperimentSpec, experiment, inference_service, pytorchjob
+from bincount.tune.space import SearchSpace, load_space, trainer_args
 
 HEADER = ("# Rendered by `bincount manifests render` from src/bincount/k8s/. Edit the builders and re-render:\n"
           "# a test fails when this file and the builders disagree.\n")
@@ -28,7 +29,6 @@ HAND_WRITTEN = {"README.md"}
 CREDENTIALS_FILE = "s3-credentials.env"
 DATASET = "abid"
 TRAIN_RUN = "bincount-train"
-TUNE_NAME = "bincount-tune"
 SERVE_NAME = "bincount"
 STAGE_FILES = {"training": "pytorchjob.yaml", "tuning": "experiment.yaml", "serving": "inferenceservice.yaml"}
 
@@ -46,46 +46,34 @@ class Profile:
     dev_credentials: bool = False
 
 
-def _search(cluster: ClusterConfig, trial_args: tuple[str, ...], resources: JobResources,
-            max_trials: int, parallel_trials: int) -> ExperimentSpec:
-    """The seed's search (lr 1e-3..1e-2 log x batch size, frozen backbone) on the validation accuracy; the
-    tuning issue replaces this with the spec loaded from tuning.yaml."""
-    return ExperimentSpec(
-        name=TUNE_NAME, objective="val_accuracy", additional_metrics=("val_loss", "train_loss"),
-        parameters=(SearchParameter("lr", "double", "--lr", min="0.001", max="0.01", distribution="logUniform"),
-                    SearchParameter("batch_size", "categorical", "--batch-size", values=("32", "64", "128", "256"))),
-        trial_args=("--store", cluster.store, "--dataset", DATASET, *trial_args),
-        resources=resources, algorithm="tpe", max_trials=max_trials, parallel_trials=parallel_trials,
-        max_failed_trials=3, early_stopping="medianstop",
-        early_stopping_settings={"min_trials_required": "3", "start_step": "2"})
-
-
 def profiles(cluster: ClusterConfig) -> dict[str, Profile]:
-    """`default` fills training/, tuning/ and serving/; the overlays patch it."""
-    store = ("--store", cluster.store, "--dataset", DATASET, "--run", TRAIN_RUN)
-    one_gpu = JobResources(workers=1, procs_per_worker=1, gpus_per_worker=1, cpu_request="4", cpu_limit="8",
-                           memory_request="16Gi", memory_limit="32Gi", shm_size="4Gi")
-    frozen = ("--arch", "resnext101_32x8d", "--weights", "DEFAULT", "--freeze", "backbone", "--epochs", "10",
-              "--precision", "bf16")
+    """`default` fills training/, tuning/ and serving/; the overlays patch it. Tuning is the default search
+    space (tuning.yaml), resized per profile."""
+    store = ("--store", cluster.store, "--dataset", DATASET, RUN_FLAG, TRAIN_RUN)
+    search = load_space()
+
+    def tuning(space: SearchSpace) -> ExperimentSpec:
+        return space.experiment_spec(space.name, cluster.store, DATASET)
+
     default = Profile(
         name="default",
         train_args=(*store, "--arch", "resnext101_32x8d", "--weights", "DEFAULT", "--freeze", "none",
                     "--epochs", "20", "--precision", "bf16"),
-        training=replace(one_gpu, workers=2),
-        experiment=_search(cluster, frozen, one_gpu, max_trials=8, parallel_trials=2),
+        training=JobResources(workers=2, procs_per_worker=1, gpus_per_worker=1, cpu_request="4", cpu_limit="8",
+                              memory_request="16Gi", memory_limit="32Gi", shm_size="4Gi"),
+        experiment=tuning(search),
         serving=ServingResources(), minio_storage="100Gi")
     cpu = JobResources(workers=1, procs_per_worker=2, gpus_per_worker=0, cpu_request="2", cpu_limit="2",
                        memory_request="3Gi", memory_limit="4Gi", shm_size="1Gi")
-    small = ("--arch", "resnet18", "--weights", "DEFAULT", "--image-size", "128", "--epochs", "3",
-             "--precision", "fp32")
+    small = {"arch": "resnet18", "weights": "DEFAULT", "image_size": 128, "epochs": 3, "precision": "fp32"}
     dev_cpu = Profile(
         name="dev-cpu",
-        train_args=(*store, *small),
+        train_args=(*store, *trainer_args(small)),
         training=cpu,
-        experiment=_search(cluster, (*small, "--freeze", "backbone"),
-                           JobResources(procs_per_worker=1, cpu_request="1", cpu_limit="2", memory_request="2Gi",
-                                        memory_limit="3Gi", shm_size="512Mi"),
-                           max_trials=4, parallel_trials=1),
+        experiment=tuning(replace(
+            search, trial={**search.trial, **small}, max_trials=4, parallel_trials=1,
+            resources=JobResources(procs_per_worker=1, cpu_request="1", cpu_limit="2", memory_request="2Gi",
+                                   memory_limit="3Gi", shm_size="512Mi"))),
         serving=ServingResources(min_replicas=1, max_replicas=1, cpu_request="500m", cpu_limit="1",
                                  memory_request="1Gi", memory_limit="2Gi"),
         minio_storage="10Gi", dev_credentials=True)
@@ -94,7 +82,7 @@ def profiles(cluster: ClusterConfig) -> dict[str, Profile]:
         train_args=default.train_args,
         training=JobResources(workers=4, procs_per_worker=4, gpus_per_worker=4, cpu_request="16", cpu_limit="32",
                               memory_request="96Gi", memory_limit="128Gi", shm_size="16Gi"),
-        experiment=_search(cluster, frozen, one_gpu, max_trials=8, parallel_trials=4),
+        experiment=tuning(replace(search, parallel_trials=4)),
         serving=ServingResources(min_replicas=1, max_replicas=5), minio_storage="500Gi")
     return {p.name: p for p in (default, dev_cpu, gpu)}
 

@@ -28,6 +28,9 @@ JOB_FAILED = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
 PARAMETER_TYPES = ("double", "int", "categorical", "discrete")
 DISTRIBUTIONS = ("uniform", "logUniform", "normal", "logNormal")
 TRIAL_NAME = "trialName"
+# The trainer's run flag for a launcher: torchrun rejects `--run` after the module as an abbreviation of its own
+# `--run-path`, so everything started through torchrun passes `--run-id`.
+RUN_FLAG = "--run-id"
 
 
 def labels(component: str) -> dict[str, str]:
@@ -152,7 +155,7 @@ class SearchParameter:
 class ExperimentSpec:
     """What a Katib Experiment needs, independent of where the search space came from (tuning.yaml fills it).
 
-    Each trial runs the trainer with `trial_args`, then `flag value` per parameter, then `--run <trial name>`.
+    Each trial runs the trainer with `trial_args`, then `flag value` per parameter, then `--run-id <trial name>`.
     """
 
     name: str
@@ -181,8 +184,9 @@ class ExperimentSpec:
         duplicates = sorted({n for n in names if names.count(n) > 1} | ({TRIAL_NAME} & set(names)))
         if duplicates:
             raise ConfigError(f"{where}: parameter name(s) used twice or reserved: {', '.join(duplicates)}")
-        if "--run" in self.trial_args:
-            raise ConfigError(f"{where}: trial_args must not set --run; every trial runs under its own name")
+        if {"--run", RUN_FLAG} & set(self.trial_args):
+            raise ConfigError(f"{where}: trial_args must not set --run or {RUN_FLAG}; every trial runs under its "
+                              "own name")
         if not 1 <= self.parallel_trials <= self.max_trials:
             raise ConfigError(f"{where}: need 1 <= parallel_trials ({self.parallel_trials}) <= max_trials "
                               f"({self.max_trials})")
@@ -196,10 +200,10 @@ def experiment(spec: ExperimentSpec, cluster: ClusterConfig | None = None) -> di
     args = list(spec.trial_args)
     for p in spec.parameters:
         args += [p.flag, f"${{trialParameters.{p.name}}}"]
-    args += ["--run", f"${{trialParameters.{TRIAL_NAME}}}"]
+    args += [RUN_FLAG, f"${{trialParameters.{TRIAL_NAME}}}"]
     trial_parameters = [{"name": p.name, "description": f"trainer {p.flag}", "reference": p.name}
                         for p in spec.parameters]
-    trial_parameters.append({"name": TRIAL_NAME, "description": "trainer --run: each trial is its own run",
+    trial_parameters.append({"name": TRIAL_NAME, "description": "trainer --run-id: each trial is its own run",
                              "reference": "${trialSpec.Name}"})
     objective: dict[str, Any] = {"type": spec.goal_type, "objectiveMetricName": spec.objective}
     if spec.goal is not None:

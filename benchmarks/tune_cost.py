@@ -1,0 +1,109 @@
+"""The tuning issue's cost check: the seed's search on the real ABID sample, seed-style against ours.
+
+The seed's search: 8 trials x 2 epochs of a frozen backbone, learning rate 1e-3..1e-2 (log) x batch size
+{32, 64, 128, 256}. Both searches run through the local tuner (`bincount.tune.local.run_local`): the same
+TPE sampler with the same seed, so they draw the same configurations, and the same trainer under torchrun.
+- seed-style: every trial pushes every image through the backbone every epoch, decoded from the original
+  JPEG (`feature_cache: false`, `cache_size: 0`), and no early stopping;
+- ours: the backbone's features computed once, into the store, shared by every trial, and median stop.
+It prints the wall time of each search (the first trial's feature extraction included in ours), the ratio and
+the best validation accuracy each found; the goal is >= 20x on 2 cores. A third search, `ours-cached`, repeats
+ours on the same dataset (another experiment) to show the cost of a search once the features are in the store.
+
+    .venv/bin/python benchmarks/tune_cost.py [--arch resnet18] [--image-size 224] [--weights none] [--parallel 2]
+
+Without network access there are no pretrained weights: `--weights none` (the default) keeps a random backbone,
+so both accuracies stay near chance; pass a state-dict file to compare accuracies that mean something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bincount.config import PrepareConfig, TuneJob
+from bincount.data.prepare import prepare
+from bincount.tune.local import run_local
+
+SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abid-sample"
+GOAL = 20.0
+
+
+def make_store(root: Path) -> str:
+    """The sample in a scratch store's ABID layout, prepared as dataset `sample` (balanced, 70/20/10)."""
+    for sub in ("bin-images", "metadata"):
+        shutil.copytree(SAMPLE / sub, root / "raw" / sub)
+    print(prepare(PrepareConfig(store=str(root), name="sample")).summary(), file=sys.stderr)
+    return str(root)
+
+
+def space(name: str, args: argparse.Namespace, cache_dir: Path, seed_style: bool) -> dict:
+    trial = {"arch": args.arch, "weights": args.weights, "freeze": "backbone", "epochs": args.epochs,
+             "image_size": args.image_size, "precision": "fp32", "augment": "flip", "cache_dir": str(cache_dir),
+             "feature_cache": not seed_style, "cache_size": 0 if seed_style else 256}
+    return {"name": name, "objective": {"metric": "val_accuracy", "goal": "maximize"},
+            "additional_metrics": ["val_loss"], "algorithm": "tpe", "algorithm_settings": {"random_state": 0},
+            "max_trials": args.trials, "parallel_trials": args.parallel, "max_failed_trials": 0,
+            "parameters": [{"name": "lr", "type": "double", "min": 0.001, "max": 0.01, "log": True},
+                           {"name": "batch_size", "type": "categorical", "values": [32, 64, 128, 256]}],
+            "early_stopping": None if seed_style else {"min_trials": 3, "start_step": 1},
+            "trial": trial,
+            "resources": {"procs_per_worker": 1, "cpu_request": "1", "cpu_limit": "2", "memory_request": "2Gi",
+                          "memory_limit": "4Gi", "shm_size": "1Gi"}}
+
+
+def search(store: str, tmp: Path, name: str, body: dict) -> tuple[float, object]:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    start = time.perf_counter()
+
+    def progress(line: str) -> None:
+        print(f"[{name} {time.perf_counter() - start:7.1f} s] {line}", file=sys.stderr, flush=True)
+
+    result = run_local(TuneJob(store=store, dataset="sample", space=str(path), workdir=str(tmp / name)), progress)
+    return time.perf_counter() - start, result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--weights", default="none")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=2)
+    args = parser.parse_args()
+    if not (SAMPLE / "metadata").is_dir():
+        print(f"the ABID sample is not at {SAMPLE}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bincount-tune-cost-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        store = make_store(tmp / "store")
+        runs = {name: search(store, tmp, name, space(name, args, tmp / f"cache-{name}", name == "seed-style"))
+                for name in ("seed-style", "ours", "ours-cached")}
+    for name, (seconds, result) in runs.items():
+        print(f"\n{name}: {seconds:.1f} s\n{result.table()}\n{result.summary()}")
+    (seed_s, seed), (ours_s, ours), (cached_s, _) = runs["seed-style"], runs["ours"], runs["ours-cached"]
+    ratio = seed_s / ours_s
+    figures = {"arch": args.arch, "weights": args.weights, "image_size": args.image_size, "trials": args.trials,
+               "epochs": args.epochs, "parallel": args.parallel, "seed_style_s": round(seed_s, 1),
+               "ours_s": round(ours_s, 1), "ratio": round(ratio, 2), "ours_cached_s": round(cached_s, 1),
+               "ratio_cached": round(seed_s / cached_s, 2),
+               "seed_style_best_val_accuracy": seed.best.value if seed.best else None,
+               "ours_best_val_accuracy": ours.best.value if ours.best else None,
+               "ours_early_stopped": sum(t.state == "early-stopped" for t in ours.trials)}
+    print("\n" + json.dumps(figures, indent=2))
+    verdict = "met" if ratio >= GOAL else "NOT met"
+    print(f"wall-time ratio seed-style / ours: {ratio:.1f}x (goal >= {GOAL:g}x: {verdict})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
