@@ -142,3 +142,20 @@ def auth_s3_server() -> str:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def api():
+    """The stub Kubernetes API server (the one stub the project allows: no API server can run here)."""
+    from k8s_stub import StubKubeAPI
+
+    with StubKubeAPI() as stub:
+        yield stub
+
+
+@pytest.fixture
+def cluster(api):
+    from bincount.config import ClusterConfig
+    from bincount.k8s.launch import Cluster
+
+    return Cluster(api.client(), ClusterConfig())

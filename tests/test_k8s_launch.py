@@ -7,11 +7,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from k8s_stub import StubKubeAPI
 
-from bincount.config import ClusterConfig, JobResources, ServingResources
+from bincount.config import JobResources, ServingResources
 from bincount.k8s import launch
-from bincount.k8s.launch import (EXPERIMENT, INFERENCE_SERVICE, PYTORCHJOB, TRIAL, Cluster, Forbidden, JobFailed,
+from bincount.k8s.launch import (EXPERIMENT, INFERENCE_SERVICE, PYTORCHJOB, TRIAL, Forbidden, JobFailed,
                                  LaunchError, LaunchTimeout, NotInstalled)
 from bincount.k8s.resources import ExperimentSpec, SearchParameter, experiment, inference_service, pytorchjob
 
@@ -28,17 +27,6 @@ def condition(kind: str, message: str = "") -> dict:
 def job() -> dict:
     return pytorchjob(NAME, ["--store", "s3://bincount", "--dataset", "abid", "--run", NAME],
                       JobResources(workers=2, procs_per_worker=2, cpu_request="2", cpu_limit="4"))
-
-
-@pytest.fixture
-def api():
-    with StubKubeAPI() as stub:
-        yield stub
-
-
-@pytest.fixture
-def cluster(api):
-    return Cluster(api.client(), ClusterConfig())
 
 
 def test_pytorchjob_runs_to_success_with_progress_and_master_log(api, cluster):

@@ -11,13 +11,12 @@ import json
 
 import pytest
 import yaml
-from k8s_stub import StubKubeAPI
 from k8s_validation import CRDS, Validator
 
 from bincount import cli
-from bincount.config import ClusterConfig, TuneJob
+from bincount.config import TuneJob
 from bincount.errors import ConfigError
-from bincount.k8s.launch import Cluster, Forbidden, JobFailed, NotInstalled
+from bincount.k8s.launch import Forbidden, JobFailed, NotInstalled
 from bincount.store import open_store
 from bincount.tune.katib import EXPERIMENT_LABEL, run_katib
 from bincount.tune.space import load_space
@@ -67,17 +66,6 @@ SUCCEEDED = {"conditions": [condition("Created"), condition("Running", status="F
              "startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:30:00Z"}
 FAILED = {**SUCCEEDED, "conditions": [condition("Created"), condition("Running", status="False"), condition(
     "Failed", "Experiment has failed because max failed count has reached")], "trialsSucceeded": 0}
-
-
-@pytest.fixture
-def api():
-    with StubKubeAPI() as stub:
-        yield stub
-
-
-@pytest.fixture
-def cluster(api):
-    return Cluster(api.client(), ClusterConfig())
 
 
 @pytest.fixture
