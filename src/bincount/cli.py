@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from bincount.backends import BACKENDS, get_backend
 from bincount.config import (DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig, SyntheticConfig,
                              TrainConfig, TuneJob, load_config)
 from bincount.errors import BincountError
@@ -60,12 +61,16 @@ TRAIN_FLAGS = ("store", "dataset", "run", "arch", "weights", "freeze", "image_si
                "seed", "workers", "cache_dir", "device", "profile")
 
 
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that `bincount train ARGS` runs: the backends' rendered arguments must give it back."""
+    flags = {k: v for k, v in _options(args, *TRAIN_FLAGS).items() if v is not None}
+    return load_config(TrainConfig, args.config, {**_settings(args.set), **flags})
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from bincount.train.loop import train
 
-    flags = {k: v for k, v in _options(args, *TRAIN_FLAGS).items() if v is not None}
-    cfg = load_config(TrainConfig, args.config, {**_settings(args.set), **flags})
-    result = train(cfg)
+    result = train(train_config(args))
     if result.is_main:
         print(result.summary())
 
@@ -79,12 +84,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from bincount.tune.katib import run_katib
-    from bincount.tune.local import run_local
-
     job = load_config(TuneJob, args.config, _options(
         args, "store", "dataset", "space", "experiment", "workdir", "timeout", "poll"))
-    result = {"local": run_local, "kubernetes": run_katib}[args.backend](job)
+    result = get_backend(args.backend).tune(job)
     print(result.table())
     print(result.summary())
 
@@ -262,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="store root holding datasets/NAME/; outputs go to tuning/EXPERIMENT/")
     p.add_argument("--dataset", help="dataset name (tuning reads its train and val splits, never test)")
     p.add_argument("--space", help="search space YAML (default: the tuning.yaml packaged with bincount)")
-    p.add_argument("--backend", choices=["local", "kubernetes"], default="local",
+    p.add_argument("--backend", choices=list(BACKENDS), default="local",
                    help="local: an optuna study running torchrun trials; kubernetes: a Katib Experiment")
     p.add_argument("--experiment", help="experiment name (default: the space's name); rerun it to resume")
     p.add_argument("--workdir", help="local: the study's working copy and trial logs")

@@ -432,3 +432,25 @@ class ServeConfig:
     url_max_bytes: int = 10 << 20
     url_max_redirects: int = 3
     unsafe_url_addresses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainJob:
+    """One training run and the room it runs in, on either backend (torchrun locally, a PyTorchJob on a cluster)."""
+
+    config: TrainConfig
+    resources: JobResources = field(default_factory=JobResources)
+    timeout: float = 0.0                        # kubernetes: seconds to follow the PyTorchJob; 0: until it ends
+    poll: float = 10.0                          # kubernetes: seconds between status reads
+
+
+@dataclass
+class ServeJob:
+    """One deployed model: the predictor's settings (`serve.model` is the model directory or store URI; a cluster
+    needs s3://) and the predictor's size on a cluster, where `serve.name` also names the InferenceService."""
+
+    serve: ServeConfig
+    resources: ServingResources = field(default_factory=ServingResources)
+    workdir: str = ""                           # local: serve.yaml and serve.log; "": a new temporary directory
+    timeout: float = 600.0                      # seconds until the predictor must answer ready
+    poll: float = 5.0                           # kubernetes: seconds between status reads

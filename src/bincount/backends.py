@@ -1,0 +1,191 @@
+"""Where work runs: one interface, two backends (DESIGN.md "Backends").
+
+`LocalBackend` runs the trainer under torchrun, tunes with optuna and serves with a ModelServer process;
+`KubernetesBackend` runs the same trainer arguments in a PyTorchJob, tunes with a Katib Experiment and serves
+with an InferenceService. Callers pick one by name through `get_backend`; nothing else branches on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from bincount.config import ClusterConfig, ServeJob, TrainConfig, TrainJob, TuneJob
+from bincount.errors import BincountError, ConfigError
+from bincount.k8s.resources import RUN_FLAG
+from bincount.store import KeyNotFoundError, open_store
+
+if TYPE_CHECKING:
+    from bincount.k8s.launch import Cluster
+    from bincount.tune.results import TuneResult
+
+STDERR_TAIL = 20
+TRAINER_ERROR = "bincount: error:"             # how the trainer's CLI reports a BincountError on stderr
+
+
+@dataclass
+class TrainOutcome:
+    run: str
+    model: str                                  # the exported model directory's URI
+    metrics: dict[str, float]                   # the best epoch's, from its model.json
+
+
+@dataclass
+class Endpoint:
+    url: str
+    predict_url: str
+    stop: Callable[[], None] = field(repr=False)
+
+
+class Backend(Protocol):
+    def train(self, job: TrainJob) -> TrainOutcome: ...
+    def tune(self, job: TuneJob) -> TuneResult: ...
+    def serve(self, job: ServeJob) -> Endpoint: ...
+
+
+def train_args(cfg: TrainConfig) -> list[str]:
+    """The trainer's command line for `cfg`: the one rendering both backends launch, so torchrun and a
+    PyTorchJob train the same run. Only settings that differ from their defaults travel, as `--set`."""
+    args = ["--store", cfg.store, "--dataset", cfg.dataset, RUN_FLAG, cfg.run]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("store", "dataset", "run"):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(cfg, f.name)
+        if value != default:
+            args += ["--set", f"{f.name}={_text(value, f.name)}"]
+    return args
+
+
+def _text(value: object, name: str) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(_text(v, name) for v in value)
+    if value is None:
+        raise ConfigError(f"{name}: cannot pass None to the trainer; leave it at its default")
+    return str(value)
+
+
+def _outcome(cfg: TrainConfig) -> TrainOutcome:
+    from bincount.train.loop import model_prefix
+    from bincount.train.models import META_FILE
+
+    store = open_store(cfg.store)
+    prefix = model_prefix(cfg.run)
+    try:
+        meta = json.loads(store.get_text(f"{prefix}/{META_FILE}"))
+    except KeyNotFoundError:
+        raise BincountError(f"training run {cfg.run} finished but exported no model: "
+                            f"{store.url(f'{prefix}/{META_FILE}')} is missing") from None
+    return TrainOutcome(cfg.run, store.url(prefix), meta["metrics"])
+
+
+class LocalBackend:
+    def train(self, job: TrainJob) -> TrainOutcome:
+        """torchrun on this machine; its stdout (the epoch metrics) passes through, its stderr is echoed and the
+        last lines kept for the error."""
+        argv = job.resources.torchrun_argv() + train_args(job.config)
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // job.resources.procs_per_worker)))
+        tail: deque[str] = deque(maxlen=STDERR_TAIL)
+        reported: list[str] = []
+        with subprocess.Popen(argv, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True,
+                              errors="replace") as proc:
+            for line in proc.stderr:
+                sys.stderr.write(line)
+                tail.append(line.rstrip("\n"))
+                if line.startswith(TRAINER_ERROR):
+                    reported.append(line.strip())
+        if proc.returncode != 0:
+            # the trainer's own error beats torchrun's failure report, which follows it and says less
+            lines = reported or list(tail)
+            raise BincountError(f"training run {job.config.run} failed (exit status {proc.returncode}); "
+                                f"last {len(lines)} stderr line(s):\n" + "\n".join(lines))
+        return _outcome(job.config)
+
+    def tune(self, job: TuneJob) -> TuneResult:
+        from bincount.tune.local import run_local
+
+        return run_local(job)
+
+    def serve(self, job: ServeJob) -> Endpoint:
+        from bincount.serve.local import start
+
+        workdir = Path(job.workdir or tempfile.mkdtemp(prefix="bincount-serve-"))
+        server = start(job.serve, workdir, timeout_s=job.timeout)
+        return Endpoint(server.url, server.predict_url, server.stop)
+
+
+class KubernetesBackend:
+    """One namespace of the cluster in `config`; it connects (in-cluster or via kubeconfig) on first use."""
+
+    def __init__(self, cluster: Cluster | None = None, config: ClusterConfig | None = None):
+        self._cluster = cluster
+        self.config = cluster.config if cluster is not None else config or ClusterConfig()
+
+    @property
+    def cluster(self) -> Cluster:
+        if self._cluster is None:
+            from bincount.k8s.launch import Cluster
+
+            self._cluster = Cluster.connect(self.config)
+        return self._cluster
+
+    def train(self, job: TrainJob) -> TrainOutcome:
+        """A PyTorchJob named after the run, followed to its end with the master's log on stdout."""
+        from bincount.k8s.resources import pytorchjob
+
+        cfg = job.config
+        _needs_s3(cfg.store, "training")
+        body = pytorchjob(cfg.run, train_args(cfg), job.resources, self.config)
+        self.cluster.run(body, timeout=job.timeout or math.inf, poll=job.poll, progress=_say, on_log=print)
+        return _outcome(cfg)
+
+    def tune(self, job: TuneJob) -> TuneResult:
+        from bincount.tune.katib import run_katib
+
+        return run_katib(job, self.cluster)
+
+    def serve(self, job: ServeJob) -> Endpoint:
+        from bincount.k8s.launch import INFERENCE_SERVICE
+        from bincount.k8s.resources import inference_service
+
+        name = job.serve.name
+        body = inference_service(name, job.serve.model, job.resources, self.config)
+        final = self.cluster.run(body, timeout=job.timeout, poll=job.poll, progress=_say)
+        url = (final.get("status") or {}).get("url")
+        if not url:
+            raise BincountError(f"InferenceService {name} is ready but reports no status.url")
+        return Endpoint(url, f"{url}/v1/models/{name}:predict",
+                        lambda: self.cluster.delete(INFERENCE_SERVICE, name))
+
+
+def _needs_s3(store: str, what: str) -> None:
+    if not store.startswith("s3://"):
+        raise ConfigError(f"{what} on the kubernetes backend needs an s3:// store that the pods reach, "
+                          f"got {store!r}")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"local": LocalBackend, "kubernetes": KubernetesBackend}
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}") from None
