@@ -34,7 +34,7 @@ from bincount.serve.fetch import UrlPolicy, fetch
 from bincount.serve.images import decode_image
 from bincount.train import presets
 from bincount.train.distributed import pick_device
-from bincount.train.loop import _cpu_has_bf16
+from bincount.train.distributed import cpu_has_bf16
 from bincount.train.models import load_exported
 
 V1_FORM = '{"image": {"b64": "..."}} or {"url": "https://..."}'
@@ -68,7 +68,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto`: bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, recent GPUs), else fp32."""
     cuda = device.type == "cuda"
     if precision == "auto":
-        return "bf16" if (torch.cuda.is_bf16_supported() if cuda else _cpu_has_bf16()) else "fp32"
+        return "bf16" if (torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()) else "fp32"
     if precision not in DTYPES or (precision == "fp16" and not cuda):
         raise ConfigError(f"unknown precision {precision!r} for {device.type}; valid: auto, bf16, fp32"
                           + (", fp16" if cuda else ""))

@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -140,3 +141,12 @@ def sync_buffers(d: Dist, module: torch.nn.Module) -> None:
     if d.world > 1:
         for buffer in module.buffers():
             tdist.broadcast(buffer, src=0)
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 pays off on a CPU only with native bf16 arithmetic (AVX512-BF16 or AMX); elsewhere it is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

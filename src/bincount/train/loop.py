@@ -363,22 +363,14 @@ def resolve(cfg: TrainConfig, d: Dist) -> TrainConfig:
     precision = cfg.precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else (
-            "bf16" if _cpu_has_bf16() else "fp32")
+            "bf16" if distributed.cpu_has_bf16() else "fp32")
     if precision == "fp16" and not cuda:
         raise ConfigError("precision fp16 needs a GPU (it trains with a GradScaler); use bf16 or fp32 on a CPU")
-    if precision == "bf16" and not cuda and not _cpu_has_bf16():
+    if precision == "bf16" and not cuda and not distributed.cpu_has_bf16():
         print("bincount train: warning: this CPU lacks AVX512-BF16/AMX; bf16 will be slow", file=sys.stderr)
     channels_last = cfg.channels_last if cfg.channels_last is not None else (cuda or precision == "bf16")
     workers = cfg.workers if cfg.workers >= 0 else min(4, max(0, (os.cpu_count() or 1) // d.local_world - 1))
     return dataclasses.replace(cfg, precision=precision, channels_last=channels_last, workers=workers)
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def class_weights(cfg: TrainConfig, items: Sequence[Item]) -> torch.Tensor | None:
