@@ -41,8 +41,8 @@ MAX_SIDE = 1024                 # largest image side accepted
 ZOOM = (1.8, 2.8)               # output size / drawing size; larger zooms give blurrier photos
 NOISE_TILE = int(MAX_SIDE / ZOOM[0]) + 1
 NOISE_SIGMAS = (2.5, 5.0)       # sensor noise levels, one precomputed tile each
-MIN_VISIBLE = 0.7               # share of an item's area that later items may not cover...
-MIN_VISIBLE_TWIN = 0.85         # ...or, for a later unit of the same SKU, whose outline would merge with it
+MIN_VISIBLE = 0.8               # share of an item's area that later items may not cover...
+MIN_VISIBLE_TWIN = 0.9          # ...or, for a later unit of the same SKU, whose outline would merge with it
 MIN_INSIDE = 0.9                # share of an item's area that must lie within the photo
 MIN_ITEM = 1 / 6                # an item's long side, as a share of the image's short side, at least...
 MIN_SCALE = 0.8                 # ...times the most an item may shrink to find room
@@ -492,11 +492,11 @@ def _draw_bands(draw: ImageDraw.ImageDraw, rng: np.random.Generator, drawing_siz
         slope = rng.uniform(-0.05, 0.05) * w
         gap = rng.uniform(1.1, 2.2)
         grey = rng.uniform(210, 255)
-        alpha = int(rng.integers(70, 150))
-        for j in range(rng.integers(6, 18)):
+        alpha = int(rng.integers(50, 120))
+        for j in range(rng.integers(6, 16)):
             yj = y + j * gap + rng.uniform(-0.4, 0.4)
             draw.line((0, yj, w, yj + slope + rng.uniform(-1, 1)), fill=_rgb((grey, grey, grey * 0.97), 1, alpha))
-    if rng.random() < 0.3:
+    if rng.random() < 0.2:
         x = rng.uniform(0.1, 0.9) * w
         half = rng.uniform(3, 7)
         lean = rng.uniform(-0.3, 0.3) * h
