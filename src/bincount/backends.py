@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -96,8 +95,7 @@ class LocalBackend:
         """torchrun on this machine; its stdout (the epoch metrics) passes through, its stderr is echoed and the
         last lines kept for the error."""
         argv = job.resources.torchrun_argv() + train_args(job.config)
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // job.resources.procs_per_worker)))
+        env = job.resources.torchrun_env()
         tail: deque[str] = deque(maxlen=STDERR_TAIL)
         reported: list[str] = []
         with subprocess.Popen(argv, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True,

@@ -8,6 +8,7 @@ valid ones, so a typo in a YAML file never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 import types
@@ -349,6 +350,14 @@ class JobResources:
         parallel local trials never collide; this interpreter's torch runs it, whatever is on PATH."""
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                 "--nproc_per_node", str(self.procs_per_worker), "-m", "bincount.train"]
+
+    def torchrun_env(self, concurrent_jobs: int = 1) -> dict[str, str]:
+        """The environment for `torchrun_argv`: this one's, plus torch threads that share this machine's cores
+        between every local process (torchrun's own default, 1, starves CPU training). A set value wins."""
+        env = dict(os.environ)
+        threads = (os.cpu_count() or 1) // (concurrent_jobs * self.procs_per_worker)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
+        return env
 
     def requests(self) -> dict[str, str]:
         return _with_gpus({"cpu": self.cpu_request, "memory": self.memory_request}, self.gpus_per_worker)

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import queue
 import re
 import secrets
@@ -315,9 +314,7 @@ class _Search:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{run}.log"
         argv = trial_argv(self.space, self.job, trial.params, run)
-        env = dict(os.environ)
-        threads = (os.cpu_count() or 1) // (self._parallel() * self.space.resources.procs_per_worker)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
+        env = self.space.resources.torchrun_env(concurrent_jobs=self._parallel())
         with open(log, "a") as err:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                                     env=env, text=True, bufsize=1)
