@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from bincount import processes
 from bincount.config import ServeConfig, to_dict
 from bincount.errors import BincountError
 
@@ -37,13 +38,8 @@ class LocalServer:
         return f"{self.url}/v1/models/{self.name}:predict"
 
     def stop(self, timeout_s: float = 30) -> None:
-        """SIGTERM (the server drains and exits), then SIGKILL if it has not exited in time."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        """The server drains its requests on SIGTERM and exits."""
+        processes.stop(self.proc, timeout_s)
 
 
 def start(cfg: ServeConfig, workdir: Path, timeout_s: float = 180) -> LocalServer:

@@ -38,6 +38,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from bincount import processes
 from bincount.config import TuneJob
 from bincount.data.dataset import default_cache_root
 from bincount.errors import BincountError, ConfigError
@@ -221,14 +222,8 @@ class _Trial:
     pruned_at: int | None = None
 
     def stop(self) -> None:
-        """torchrun forwards SIGTERM to its workers and exits; SIGKILL if it lingers."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(KILL_GRACE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """torchrun forwards SIGTERM to its workers and exits."""
+        processes.stop(self.proc, KILL_GRACE)
 
 
 class _Search:
