@@ -402,6 +402,7 @@ class ClusterConfig:
     namespace: str = "bincount"
     bucket: str = "bincount"
     s3_secret: str = "bincount-s3"
+    store_config: str = "bincount-store"        # ConfigMap with the store's endpoint settings (pipeline steps)
     region: str = "us-east-1"
     pipeline_service_account: str = "bincount-pipeline"
     workload_service_account: str = "bincount-workload"

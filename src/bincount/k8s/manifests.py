@@ -92,6 +92,7 @@ def stages(profile: Profile, cluster: ClusterConfig) -> dict[str, dict[str, list
     return {
         "base": {"namespace.yaml": [platform.namespace(cluster)],
                  "rbac.yaml": platform.access(cluster),
+                 "store.yaml": [platform.store_config(cluster)],
                  "minio.yaml": platform.minio(cluster, profile.minio_storage),
                  "bucket-job.yaml": platform.bucket_job(cluster)},
         "training": {STAGE_FILES["training"]: [pytorchjob(TRAIN_RUN, profile.train_args, profile.training, cluster)]},

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from bincount.config import ClusterConfig
-from bincount.k8s.resources import container_security, labels, pod_security, scratch_volume
+from bincount.k8s.resources import container_security, labels, pod_security, scratch_volume, store_settings
 
 # Third-party images are pinned by tag and digest (the multi-arch index), so `Always` only re-verifies them.
 MINIO_IMAGE = ("quay.io/minio/minio:RELEASE.2025-09-07T16-13-09Z"
@@ -65,6 +65,13 @@ def namespace(cluster: ClusterConfig) -> dict[str, Any]:
                                     "katib.kubeflow.org/metrics-collector-injection": "enabled",
                                     "pod-security.kubernetes.io/enforce": "baseline",
                                     "pod-security.kubernetes.io/warn": "restricted"}}}
+
+
+def store_config(cluster: ClusterConfig) -> dict[str, Any]:
+    """The store's endpoint settings for pods that take their environment by reference: the pipeline's steps
+    (kfp.local must not inherit cluster addresses, so the compiled pipeline cannot carry them as values)."""
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(cluster.store_config, cluster, "platform"),
+            "data": store_settings(cluster)}
 
 
 def access(cluster: ClusterConfig) -> list[dict[str, Any]]:

@@ -57,13 +57,17 @@ def secret_env(name: str, secret: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}}
 
 
+S3_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def store_settings(cluster: ClusterConfig) -> dict[str, str]:
+    """Where the store is (DESIGN: S3_ENDPOINT, S3_SECURE, AWS_REGION); its credentials live in the S3 Secret."""
+    return {"S3_ENDPOINT": cluster.s3_endpoint, "S3_SECURE": "0", "AWS_REGION": cluster.region}
+
+
 def store_env(cluster: ClusterConfig) -> list[dict[str, Any]]:
-    """The store's environment (DESIGN: S3_ENDPOINT, S3_SECURE, AWS_*), credentials from the S3 Secret."""
-    return [{"name": "S3_ENDPOINT", "value": cluster.s3_endpoint},
-            {"name": "S3_SECURE", "value": "0"},
-            {"name": "AWS_REGION", "value": cluster.region},
-            secret_env("AWS_ACCESS_KEY_ID", cluster.s3_secret),
-            secret_env("AWS_SECRET_ACCESS_KEY", cluster.s3_secret)]
+    return ([{"name": k, "value": v} for k, v in store_settings(cluster).items()]
+            + [secret_env(name, cluster.s3_secret) for name in S3_CREDENTIALS])
 
 
 def scratch_volume() -> tuple[dict[str, Any], dict[str, Any]]:
