@@ -133,6 +133,27 @@ def test_local_start_reports_why_the_server_did_not_start(tmp_path):
         start(ServeConfig(model=str(tmp_path / "missing"), port=0), tmp_path / "server")
 
 
+def test_starting_again_in_the_same_workdir_replaces_the_server(tmp_path):
+    """A redeploy replaces the running predictor, as an updated InferenceService does; a server started in
+    another workdir is left alone."""
+    model = export_model(tmp_path / "store", [])
+    first = start(ServeConfig(model=model, port=0), tmp_path / "deploy")
+    other = start(ServeConfig(model=model, port=0), tmp_path / "elsewhere")
+    second = None
+    try:
+        second = start(ServeConfig(model=model, port=0), tmp_path / "deploy")
+        assert first.proc.wait(timeout=30) is not None
+        assert other.proc.poll() is None and second.proc.poll() is None
+        assert (tmp_path / "deploy" / "serve.pid").read_text().strip() == str(second.proc.pid)
+        status = http.client.HTTPConnection("127.0.0.1", second.port, timeout=10)
+        status.request("GET", "/v2/models/bincount/ready")
+        assert status.getresponse().status == 200
+    finally:
+        for server in (first, other, second):
+            if server:
+                server.stop()
+
+
 @pytest.fixture(scope="module")
 def offline(server):
     """The exported model as loaded for evaluation, run plainly in fp32 in this process on the same pixels."""

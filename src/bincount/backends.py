@@ -43,6 +43,7 @@ class TrainOutcome:
 class Endpoint:
     url: str
     predict_url: str
+    stop_hint: str                              # how to stop it once this process is gone, as a shell command
     stop: Callable[[], None] = field(repr=False)
 
 
@@ -122,7 +123,7 @@ class LocalBackend:
 
         workdir = Path(job.workdir or tempfile.mkdtemp(prefix="bincount-serve-"))
         server = start(job.serve, workdir, timeout_s=job.timeout)
-        return Endpoint(server.url, server.predict_url, server.stop)
+        return Endpoint(server.url, server.predict_url, f"kill {server.proc.pid}", server.stop)
 
 
 class KubernetesBackend:
@@ -166,6 +167,7 @@ class KubernetesBackend:
         if not url:
             raise BincountError(f"InferenceService {name} is ready but reports no status.url")
         return Endpoint(url, f"{url}/v1/models/{name}:predict",
+                        f"kubectl delete inferenceservice {name} -n {self.config.namespace}",
                         lambda: self.cluster.delete(INFERENCE_SERVICE, name))
 
 

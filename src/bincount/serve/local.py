@@ -2,12 +2,17 @@
 
 kserve's ModelServer owns its process (signal handlers, its event loop), so a caller that wants to keep
 running starts it as a child. The config travels as a YAML file, so every setting reaches the child as is.
+The child runs in its own session: a deployment outlives the command that made it (`bincount pipeline run`
+ends with the model served). Its pid is kept in the workdir, and starting again in the same workdir replaces
+the server found there, as a redeployed InferenceService replaces its predictor.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import http.client
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -48,11 +53,14 @@ def start(cfg: ServeConfig, workdir: Path, timeout_s: float = 180) -> LocalServe
     if cfg.port == 0:
         cfg = dataclasses.replace(cfg, port=_free_port())
     workdir.mkdir(parents=True, exist_ok=True)
-    config, log = workdir / "serve.yaml", workdir / "serve.log"
+    config, log, pid_file = workdir / "serve.yaml", workdir / "serve.log", workdir / "serve.pid"
+    _stop_previous(pid_file, config, timeout_s=30)
     config.write_text(yaml.safe_dump(to_dict(cfg)))
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "serve", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    pid_file.write_text(f"{proc.pid}\n")
     server = LocalServer(proc, cfg.port, cfg.name, log)
     deadline = time.monotonic() + timeout_s
     while not _ready(server):
@@ -63,6 +71,33 @@ def start(cfg: ServeConfig, workdir: Path, timeout_s: float = 180) -> LocalServe
             raise BincountError(f"bincount serve was not ready after {timeout_s:g} s; see {log}")
         time.sleep(0.2)
     return server
+
+
+def _stop_previous(pid_file: Path, config: Path, timeout_s: float) -> None:
+    """Stop the server an earlier `start` left in this workdir, if that pid still runs it (pids are reused:
+    only a process whose command line names this workdir's serve.yaml is ours)."""
+    try:
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if os.fsencode(str(config)) not in cmdline:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _running(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _ready(server: LocalServer) -> bool:
