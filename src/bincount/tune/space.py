@@ -9,6 +9,7 @@ eighth trial on a cluster. Katib takes every number as text, optuna typed values
 
 from __future__ import annotations
 
+import os
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -364,8 +365,10 @@ def check_name(name: str) -> None:
 
 
 def load_space(path: str | None = None) -> SearchSpace:
-    """A tuning.yaml, or the default one packaged with bincount."""
-    if path:
+    """A search space file, or one packaged with bincount by its name (tuning.yaml, the default, or
+    quickstart.yaml): a pipeline step finds those in any image that has bincount."""
+    packaged = resources.files("bincount.tune") / (path or DEFAULT_SPACE)
+    if path and (os.sep in path or not packaged.is_file()):
         return load_config(SearchSpace, path)
-    with resources.as_file(resources.files("bincount.tune") / DEFAULT_SPACE) as default:
-        return load_config(SearchSpace, default)
+    with resources.as_file(packaged) as file:
+        return load_config(SearchSpace, file)
