@@ -126,6 +126,76 @@ def cmd_manifests_render(args: argparse.Namespace) -> None:
         print(f"rendered {out}: {len(changed)} file(s) changed")
 
 
+def cmd_pipeline_run(args: argparse.Namespace) -> None:
+    from bincount.kfp import local_run
+
+    parser = _pipeline_parser("bincount pipeline run", "run the pipeline on this machine with kfp.local "
+                              "(defaults: the quick start)", local_run.parameters())
+    parser.add_argument("--pipeline-root", default=local_run.PIPELINE_ROOT,
+                        help=f"where kfp.local keeps each step's artifacts (default {local_run.PIPELINE_ROOT})")
+    options = vars(parser.parse_args(args.params))
+    root = options.pop("pipeline_root")
+    print(local_run.run(options, root).summary())
+
+
+def cmd_pipeline_compile(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from bincount.kfp.compile import drift, write
+
+    root = Path(args.root)
+    if args.check:
+        stale = drift(root)
+        if stale:
+            raise BincountError(f"compiled specs differ from src/bincount/kfp: {', '.join(map(str, stale))}; "
+                                f"run `bincount pipeline compile --root {root}`")
+        print(f"the compiled pipeline and components under {root} are current")
+    else:
+        changed = write(root)
+        print(f"compiled the pipeline and components under {root}: {len(changed)} file(s) changed")
+
+
+def cmd_pipeline_submit(args: argparse.Namespace) -> None:
+    from bincount.config import ClusterConfig
+    from bincount.kfp.submit import submit
+
+    cluster = ClusterConfig()
+    parser = _pipeline_parser("bincount pipeline submit", "submit the pipeline to a Kubeflow Pipelines server "
+                              "(parameters not given keep the compiled defaults)", None)
+    parser.add_argument("--host", required=True, help="the KFP API server, e.g. http://localhost:8080 "
+                        "(kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80)")
+    parser.add_argument("--package", help="a compiled pipeline YAML (default: compile this version's pipeline)")
+    parser.add_argument("--experiment", default="bincount", help="KFP experiment (default bincount)")
+    parser.add_argument("--display-name", help="the KFP run's name (default: the pipeline's name and the time)")
+    parser.add_argument("--namespace", default=cluster.namespace,
+                        help=f"namespace (Kubeflow profile) to run in (default {cluster.namespace})")
+    parser.add_argument("--service-account", default=cluster.pipeline_service_account,
+                        help=f"service account of the steps (default {cluster.pipeline_service_account}, "
+                             "which manifests/base allows to create PyTorchJobs, Experiments and InferenceServices)")
+    options = vars(parser.parse_args(args.params))
+    own = {k: options.pop(k) for k in ("host", "package", "experiment", "namespace", "service_account")}
+    display_name = options.pop("display_name")
+    arguments = {k: v for k, v in options.items() if v is not None}
+    print(submit(arguments=arguments, run_name=display_name, **own))
+
+
+def _pipeline_parser(prog: str, description: str, defaults: dict | None) -> argparse.ArgumentParser:
+    """One flag per pipeline parameter, read from the pipeline itself (kfp loads only when a pipeline command
+    runs). `defaults` None leaves unset flags out, so the compiled defaults apply."""
+    from bincount.kfp.pipeline import bin_counting
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    params = parser.add_argument_group("pipeline parameters")
+    kinds = {"Integer": int, "Float": float, "String": str}
+    for name, spec in bin_counting.component_spec.inputs.items():
+        default = None if defaults is None else defaults[name]
+        help_text = " ".join((spec.description or "").split())
+        shown = "" if default is None else f" (default: {default!r})"
+        params.add_argument("--" + name.replace("_", "-"), dest=name, type=kinds[spec.type], default=default,
+                            help=help_text + shown)
+    return parser
+
+
 def _settings(pairs: list[str] | None) -> dict:
     """`--set key=value` pairs: any config key, for the settings without a flag of their own."""
     out = {}
@@ -165,7 +235,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bincount", description=__doc__.splitlines()[0])
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,train,evaluate,tune,manifests,serve}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,train,evaluate,tune,serve,pipeline,manifests}")
 
     data = groups.add_parser("data", help="get, prepare and explore bin images")
     data_cmds = data.add_subparsers(dest="command", required=True)
@@ -302,6 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_serve)
 
+    pipeline = groups.add_parser("pipeline", help="the Kubeflow pipeline: run it locally (kfp.local), compile it, "
+                                 "submit it to a KFP server")
+    pipeline_cmds = pipeline.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (
+            ("run", cmd_pipeline_run, "run the whole pipeline on this machine with kfp.local; see --help"),
+            ("submit", cmd_pipeline_submit, "submit the pipeline to Kubeflow Pipelines (--host URL); see --help")):
+        p = pipeline_cmds.add_parser(name, help=help_text, add_help=False)
+        p.set_defaults(func=func, params=[])
+    p = pipeline_cmds.add_parser("compile", help="write pipelines/bin_counting.yaml and components/*/component.yaml")
+    p.add_argument("--root", default=".", help="repository root to write under (default .)")
+    p.add_argument("--check", action="store_true", help="write nothing; fail if the compiled files are stale")
+    p.set_defaults(func=cmd_pipeline_compile)
+
     manifests = groups.add_parser("manifests", help="the kustomize tree in manifests/, rendered from the builders")
     manifests_cmds = manifests.add_subparsers(dest="command", required=True)
     p = manifests_cmds.add_parser("render", help="write manifests/ from bincount.k8s (or --check it)")
@@ -312,7 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not isinstance(getattr(args, "params", None), list):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        args.params = rest                      # `pipeline run|submit`: parsed against the pipeline's parameters
     if getattr(args, "ids", None):
         args.ids = _ids(args.ids)
     try:

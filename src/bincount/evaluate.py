@@ -39,6 +39,11 @@ class EvalResult:
                 f"MAE {m['mae']:.4f}, RMSE {m['rmse']:.4f}; written to {self.out}")
 
 
+def report_prefix(run: str) -> str:
+    """Where a run's evaluation goes when the caller does not choose (`bincount pipeline`)."""
+    return f"reports/{run}/evaluation"
+
+
 def evaluate(cfg: EvaluateConfig) -> EvalResult:
     if cfg.batch_size < 1:
         raise ConfigError(f"evaluate: batch_size must be at least 1, got {cfg.batch_size}")

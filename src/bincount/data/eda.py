@@ -99,6 +99,10 @@ class EdaResult:
         return text
 
 
+def report_prefix(name: str) -> str:
+    return join("reports", name, "eda")
+
+
 def build_report(cfg: EdaConfig) -> EdaResult:
     if not NAME_RE.match(cfg.name or ""):
         raise ConfigError(f"dataset name {cfg.name!r} must be letters, digits, '.', '_' or '-'")
@@ -113,7 +117,7 @@ def build_report(cfg: EdaConfig) -> EdaResult:
 
     figures = _figures(dataset, facts, samples, thumbnails)
     blocks = _document(cfg, store, dataset, facts, warnings)
-    prefix = join("reports", cfg.name, "eda")
+    prefix = report_prefix(cfg.name)
     written = []
     for name, png in figures.items():
         store.put(join(prefix, name), png)

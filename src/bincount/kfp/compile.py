@@ -1,0 +1,48 @@
+"""The compiled specs a KFP user loads or submits: components/<step>/component.yaml and
+pipelines/bin_counting.yaml, written from the definitions in this package and checked for drift by a test."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+HEADER = ("# Compiled by `bincount pipeline compile` from src/bincount/kfp/. Edit the Python and recompile:\n"
+          "# a test fails when this file and the definitions disagree.\n")
+PIPELINE_FILE = Path("pipelines") / "bin_counting.yaml"
+COMPONENTS_DIR = Path("components")
+
+
+def compiled() -> dict[Path, str]:
+    """Every compiled spec by its path relative to the repository root."""
+    from kfp import compiler
+
+    from bincount.kfp.components import COMPONENTS
+    from bincount.kfp.pipeline import bin_counting
+
+    targets = {PIPELINE_FILE: bin_counting}
+    targets |= {COMPONENTS_DIR / name.replace("-", "_") / "component.yaml": c for name, c in COMPONENTS.items()}
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bincount-compile-") as tmp:
+        for path, definition in targets.items():
+            target = Path(tmp) / "spec.yaml"
+            compiler.Compiler().compile(definition, str(target))
+            out[path] = HEADER + target.read_text()
+    return out
+
+
+def write(root: Path) -> list[Path]:
+    """Writes what changed; returns those paths."""
+    changed = []
+    for path, text in compiled().items():
+        target = root / path
+        if not target.exists() or target.read_text() != text:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            changed.append(path)
+    return changed
+
+
+def drift(root: Path) -> list[Path]:
+    """The compiled specs whose committed copy under `root` differs from a fresh compile, or is missing."""
+    return [path for path, text in compiled().items()
+            if not (root / path).exists() or (root / path).read_text() != text]

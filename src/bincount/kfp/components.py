@@ -1,0 +1,85 @@
+"""The pipeline's steps as KFP lightweight components, compiled into components/<step>/component.yaml.
+
+KFP runs a lightweight component from its source text alone, so each body imports `bincount.kfp.stages` and
+makes one call; the logic lives there. The base image is the trainer image named in `bincount.config`, which
+carries bincount and kfp, hence `install_kfp_package=False` (and kfp.local's SubprocessRunner runs them in
+this interpreter, where both are installed too). No `from __future__ import annotations`: KFP reads the
+artifact types from the annotations at decoration time.
+"""
+
+import functools
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from bincount.config import TRAINER_IMAGE
+
+component = functools.partial(dsl.component, base_image=TRAINER_IMAGE, install_kfp_package=False)
+
+
+@component
+def download(source: str, store: str, images: int, file_list: str, source_endpoint: str, source_bucket: str,
+             seed: int, raw: Output[Dataset]):
+    """Raw bin photos and metadata into STORE/raw/: a copy of ABID (or a mirror), or synthetic bins."""
+    from bincount.kfp import stages
+
+    stages.download(source, store, images, file_list, source_endpoint, source_bucket, seed, raw)
+
+
+@component
+def prepare(raw: Input[Dataset], name: str, balance: str, split: str, seed: int, splits: Output[Dataset],
+            eda_html: Output[HTML], eda_markdown: Output[Markdown]):
+    """Labels, balance and a stratified train/val/test split, then the EDA report of the dataset."""
+    from bincount.kfp import stages
+
+    stages.prepare(raw, name, balance, split, seed, splits, eda_html, eda_markdown)
+
+
+@component
+def tune(splits: Input[Dataset], backend: str, run_name: str, job_id: str, space: str, arch: str, weights: str,
+         freeze: str, image_size: int, trial_epochs: int, trials: int, parallel_trials: int, workers: int,
+         gpus_per_worker: int, procs_per_worker: int, best: Output[Artifact], tuning_report: Output[Markdown]):
+    """A search space on the validation split: optuna locally, a Katib Experiment on a cluster."""
+    from bincount.kfp import stages
+
+    stages.tune(splits, backend, run_name, job_id, space, arch, weights, freeze, image_size, trial_epochs, trials,
+                parallel_trials, workers, gpus_per_worker, procs_per_worker, best, tuning_report)
+
+
+@component
+def train(splits: Input[Dataset], best: Input[Artifact], backend: str, run_name: str, job_id: str, epochs: int,
+          workers: int, gpus_per_worker: int, procs_per_worker: int, model: Output[Model], metrics: Output[Metrics]):
+    """The best trial's settings, trained for the full epochs: torchrun locally, a PyTorchJob on a cluster."""
+    from bincount.kfp import stages
+
+    stages.train(splits, best, backend, run_name, job_id, epochs, workers, gpus_per_worker, procs_per_worker,
+                 model, metrics)
+
+
+@component
+def evaluate(splits: Input[Dataset], model: Input[Model], test_metrics: Output[Metrics],
+             confusion_matrix: Output[ClassificationMetrics], evaluation_report: Output[Markdown]) -> float:
+    """The exported model on the test split, the only step that reads it; returns the test accuracy."""
+    from bincount.kfp import stages
+
+    return stages.evaluate(splits, model, test_metrics, confusion_matrix, evaluation_report)
+
+
+@component
+def deploy(model: Input[Model], backend: str, name: str, accuracy: float) -> str:
+    """The model behind a V1/V2 endpoint: a local ModelServer process or a KServe InferenceService. Returns
+    the deployment as JSON (URLs, how to stop it)."""
+    from bincount.kfp import stages
+
+    return stages.deploy(model, backend, name, accuracy)
+
+
+@component
+def skip_deploy(accuracy: float, threshold: float) -> str:
+    """Says why the model was not deployed, in the same JSON shape, so the run does not end silently."""
+    from bincount.kfp import stages
+
+    return stages.skip_deploy(accuracy, threshold)
+
+
+COMPONENTS = {c.name: c for c in (download, prepare, tune, train, evaluate, deploy, skip_deploy)}

@@ -1,0 +1,124 @@
+"""The bin-counting pipeline: download → prepare (+EDA) → tune → train → evaluate → deploy if good enough.
+
+Compiled into pipelines/bin_counting.yaml for `kfp run create`, and run as is by `bincount pipeline run`
+through kfp.local. The defaults here are a cluster's (Kubeflow, MinIO, GPU workers, the kubernetes backend);
+`bincount.kfp.local_run.QUICKSTART` holds the local ones. No `from __future__ import annotations`: KFP reads
+the types from the annotations.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl, kubernetes
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Metrics, Model
+
+from bincount.config import ABID_BUCKET, ClusterConfig
+from bincount.k8s.resources import S3_CREDENTIALS, store_settings
+from bincount.kfp import components as c
+
+NAME = "bin-counting"
+CLUSTER = ClusterConfig()
+Outputs = NamedTuple("Outputs", [("splits", Dataset), ("eda", HTML), ("best", Artifact), ("model", Model),
+                                 ("test_metrics", Metrics), ("confusion_matrix", ClassificationMetrics),
+                                 ("deployment", str)])
+# Steps that do their work in their own pod get room for it; the others launch and follow cluster resources.
+WORKING = {"cpu": "2", "memory": "8Gi"}
+LAUNCHING = {"cpu": "500m", "memory": "1Gi"}
+
+
+def _on_cluster(task: dsl.PipelineTask, size: dict[str, str]) -> dsl.PipelineTask:
+    """The store's settings and credentials by reference (kfp.local ignores both, so a local run keeps this
+    machine's environment), a size, and no KFP caching: each step is idempotent against the store itself,
+    and a cached step would skip work whose results were deleted from it."""
+    kubernetes.use_config_map_as_env(task, CLUSTER.store_config, {k: k for k in store_settings(CLUSTER)})
+    kubernetes.use_secret_as_env(task, CLUSTER.s3_secret, {k: k for k in S3_CREDENTIALS})
+    task.set_cpu_request(size["cpu"]).set_memory_request(size["memory"]).set_memory_limit(size["memory"])
+    task.set_caching_options(False)
+    return task
+
+
+@dsl.pipeline(name=NAME)
+def bin_counting(
+    source: str = "abid",
+    images: int = 5000,
+    file_list: str = "",
+    source_endpoint: str = "",
+    source_bucket: str = ABID_BUCKET,
+    store: str = CLUSTER.store,
+    dataset: str = "abid",
+    balance: str = "undersample",
+    split: str = "0.7,0.2,0.1",
+    seed: int = 0,
+    space: str = "tuning.yaml",
+    arch: str = "resnet50",
+    weights: str = "DEFAULT",
+    freeze: str = "backbone",
+    image_size: int = 224,
+    trials: int = 8,
+    parallel_trials: int = 2,
+    trial_epochs: int = 5,
+    epochs: int = 20,
+    workers: int = 2,
+    gpus_per_worker: int = 1,
+    procs_per_worker: int = 0,
+    backend: str = "kubernetes",
+    run_name: str = "",
+    model_name: str = "bincount",
+    deploy_threshold: float = 0.5,
+) -> Outputs:
+    """Count the items in a warehouse bin from one photo: ABID data, Katib tuning, PyTorchJob DDP training,
+    evaluation on the test split, KServe serving.
+
+    Args:
+        source: abid (the Amazon Bin Image Dataset, or a mirror of it) or synthetic (generated bins).
+        images: How many images to download or generate; abid without a file list takes them balanced over
+            1-5 items.
+        file_list: abid: a file_list.json (path or s3:// URI) to take the images from instead of a scan.
+        source_endpoint: abid: host:port of a mirror instead of AWS.
+        source_bucket: abid: the bucket holding bin-images/ and metadata/.
+        store: Where data and models live: s3://bucket[/prefix] or a local path.
+        dataset: Name of the prepared dataset (datasets/NAME/ in the store).
+        balance: undersample, oversample or none.
+        split: Train, validation and test fractions.
+        seed: Seed of the synthetic images and of the split.
+        space: Search space: one packaged with bincount (tuning.yaml, the seed's search; quickstart.yaml) or
+            a tuning.yaml path the step can read. The pipeline sets its trials' model, epochs and resources.
+        arch: torchvision classification model, e.g. resnet18, resnet50, resnext101_32x8d, efficientnet_b0.
+        weights: DEFAULT (torchvision's), none, or a state dict file or s3:// URI.
+        freeze: backbone (trains the head on cached features), none (full fine-tune) or a stage name.
+        image_size: Input size in pixels (the photo is stretched to a square).
+        trials: Hyperparameter trials.
+        parallel_trials: Trials run at once.
+        trial_epochs: Epochs of each trial.
+        epochs: Epochs of the final training.
+        workers: Pods of each PyTorchJob (Master + Workers); one node locally.
+        gpus_per_worker: GPUs per pod; 0 trains on CPU.
+        procs_per_worker: DDP processes per pod; 0: one per GPU, or one without GPUs.
+        backend: kubernetes (PyTorchJob, Katib, KServe) or local (torchrun, optuna, a ModelServer process).
+        run_name: Name of the training run, model and search; empty: derived from the pipeline run's id.
+        model_name: Model name of the endpoint (/v1/models/NAME:predict).
+        deploy_threshold: Deploy only when the test accuracy reaches it.
+    """
+    fetched = _on_cluster(c.download(source=source, store=store, images=images, file_list=file_list,
+                                     source_endpoint=source_endpoint, source_bucket=source_bucket, seed=seed), WORKING)
+    prepared = _on_cluster(c.prepare(raw=fetched.outputs["raw"], name=dataset, balance=balance, split=split,
+                                     seed=seed), WORKING)
+    sizes = {"workers": workers, "gpus_per_worker": gpus_per_worker, "procs_per_worker": procs_per_worker}
+    searched = _on_cluster(c.tune(splits=prepared.outputs["splits"], backend=backend, run_name=run_name,
+                                  job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, space=space, arch=arch, weights=weights,
+                                  freeze=freeze, image_size=image_size, trial_epochs=trial_epochs, trials=trials,
+                                  parallel_trials=parallel_trials, **sizes), LAUNCHING)
+    trained = _on_cluster(c.train(splits=prepared.outputs["splits"], best=searched.outputs["best"], backend=backend,
+                                  run_name=run_name, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, epochs=epochs, **sizes),
+                          LAUNCHING)
+    evaluated = _on_cluster(c.evaluate(splits=prepared.outputs["splits"], model=trained.outputs["model"]), WORKING)
+    accuracy = evaluated.outputs["Output"]
+    with dsl.If(accuracy >= deploy_threshold, name="good-enough"):
+        deployed = _on_cluster(c.deploy(model=trained.outputs["model"], backend=backend, name=model_name,
+                                        accuracy=accuracy), LAUNCHING)
+    with dsl.Else(name="not-good-enough"):
+        skipped = _on_cluster(c.skip_deploy(accuracy=accuracy, threshold=deploy_threshold), LAUNCHING)
+    return Outputs(splits=prepared.outputs["splits"], eda=prepared.outputs["eda_html"],
+                   best=searched.outputs["best"], model=trained.outputs["model"],
+                   test_metrics=evaluated.outputs["test_metrics"],
+                   confusion_matrix=evaluated.outputs["confusion_matrix"],
+                   deployment=dsl.OneOf(deployed.output, skipped.output))

@@ -1,0 +1,240 @@
+"""What each pipeline step does, as library code over typed configs.
+
+The `@dsl.component` functions in `components.py` are compiled into YAML and run from their source text, so
+each one only imports this module and calls one function here. Artifacts are duck-typed (`path`, `metadata`,
+`log_metric`, `log_confusion_matrix`): the same calls work in kfp.local and in a KFP pod. The data itself stays
+in the store; artifacts carry its location in their metadata plus small copies worth seeing in the KFP UI
+(split manifests, reports, best hyperparameters, the exported model).
+
+A step that fails with a `BincountError` prints one `bincount: error:` line and exits 1, without a traceback;
+when `BINCOUNT_STAGE_ERRORS` names a directory (`bincount pipeline run` sets it) the message is also written
+there, so the local run can name the failed stage and its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from bincount.config import (DownloadConfig, EdaConfig, EvaluateConfig, JobResources, PrepareConfig, ServeConfig,
+                             ServeJob, SyntheticConfig, TrainConfig, TrainJob, TuneJob, from_dict, to_dict)
+from bincount.errors import BincountError, ConfigError
+
+STAGE_ERRORS_ENV = "BINCOUNT_STAGE_ERRORS"
+SOURCES = ("abid", "synthetic")
+MODEL_FILES = ("model.pt", "model.json")
+RUN_RE = re.compile(r"^[a-z]([-a-z0-9]{0,28}[a-z0-9])?$")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def stage(fn: F) -> F:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BincountError as e:
+            print(f"bincount: error: {fn.__name__}: {e}", file=sys.stderr, flush=True)
+            errors = os.environ.get(STAGE_ERRORS_ENV)
+            if errors:
+                Path(errors, f"{fn.__name__}.txt").write_text(str(e))
+            raise SystemExit(1) from None
+    return run  # type: ignore[return-value]
+
+
+def run_id(run_name: str, job_id: str) -> str:
+    """The run's name in the store and on the cluster: the given one, or one derived from the pipeline job, so
+    a retried KFP run resumes its own checkpoints. It names PyTorchJobs and Katib trials, hence a DNS label."""
+    run = run_name or "bc-" + re.sub(r"[^a-z0-9]", "", job_id.lower())[:8]
+    if not RUN_RE.match(run):
+        raise ConfigError(f"run name {run!r} must be a lower-case DNS label of at most 30 characters starting with "
+                          "a letter (it names the PyTorchJob, the Katib experiment and its trials)")
+    return run
+
+
+def job_resources(workers: int, gpus_per_worker: int, procs_per_worker: int) -> JobResources:
+    """`procs_per_worker` 0 means one process per GPU, or one on a CPU-only worker."""
+    procs = procs_per_worker or max(1, gpus_per_worker)
+    return JobResources(workers=workers, procs_per_worker=procs, gpus_per_worker=gpus_per_worker)
+
+
+def _store(artifact: Any) -> str:
+    return artifact.metadata["store"]
+
+
+def _fetch(store_uri: str, key: str, path: str | Path) -> None:
+    """A store object → a file of an artifact."""
+    from bincount.store import open_store
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(open_store(store_uri).get(key))
+
+
+@stage
+def download(source: str, store: str, images: int, file_list: str, source_endpoint: str, source_bucket: str,
+             seed: int, raw: Any) -> None:
+    from bincount.store import open_store
+
+    if source == "synthetic":
+        from bincount.data.synthetic import generate
+
+        result = generate(SyntheticConfig(dest=store, n=images, seed=seed, workers=os.cpu_count() or 1))
+        print(result.summary(), flush=True)
+        counts = {str(c): n for c, n in sorted(result.counts.items())}
+    elif source == "abid":
+        from bincount.data.abid import download as copy_pairs
+
+        selection: dict[str, Any] = ({"file_list": file_list} if file_list else
+                                     {"quantities": (1, 5), "per_class": math.ceil(images / 5)})
+        endpoint = {"source_endpoint": source_endpoint} if source_endpoint else {}
+        summary = copy_pairs(DownloadConfig(dest=store, limit=images, source_bucket=source_bucket, **selection,
+                                            **endpoint))
+        print(summary.report(), flush=True)
+        if summary.failed:
+            raise BincountError(f"{summary.failed} pair(s) could not be copied; rerun the pipeline to retry them")
+        counts = {str(c): n for c, n in sorted(summary.labels.items())}
+    else:
+        raise ConfigError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
+    url = open_store(store).uri
+    raw.metadata.update({"store": url, "source": source, "images": sum(counts.values()), "per_class": counts})
+    Path(raw.path).write_text(json.dumps({"store": url, "prefix": "raw/", "source": source,
+                                          "per_class": counts}, indent=2) + "\n")
+
+
+@stage
+def prepare(raw: Any, name: str, balance: str, split: str, seed: int, splits: Any, eda_html: Any,
+            eda_markdown: Any) -> None:
+    from bincount.data.eda import build_report, report_prefix
+    from bincount.data.prepare import SPLITS, dataset_key, prepare as prepare_dataset
+
+    store = _store(raw)
+    cfg = from_dict(PrepareConfig, {"store": store, "name": name, "balance": balance, "split": split, "seed": seed},
+                    "prepare")
+    result = prepare_dataset(cfg)
+    print(result.summary(), flush=True)
+    report = build_report(EdaConfig(store=store, name=name))
+    print(report.summary(), flush=True)
+    for file in [f"{s}.jsonl" for s in SPLITS] + ["stats.json"]:
+        _fetch(store, dataset_key(name, file), Path(splits.path) / file)
+    sizes = {s: sum(result.stats["counts"]["splits"][s].values()) for s in SPLITS}
+    splits.metadata.update({"store": store, "dataset": name, "uri": result.uri, **sizes})
+    _fetch(store, f"{report_prefix(name)}/report.html", eda_html.path)
+    _fetch(store, f"{report_prefix(name)}/report.md", eda_markdown.path)
+    eda_html.metadata["uri"] = report.uri
+
+
+def search_space(path: str, experiment: str, trials: int, parallel_trials: int, trial: dict[str, Any],
+                 resources: JobResources) -> Any:
+    """A search space's parameters, objective and algorithm; the pipeline's model, sizes and resources."""
+    from bincount.tune.space import load_space
+
+    space = load_space(path)
+    return dataclasses.replace(space, name=experiment, max_trials=trials, parallel_trials=parallel_trials,
+                               trial={**space.trial, **trial}, resources=resources)
+
+
+@stage
+def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, arch: str, weights: str, freeze: str,
+         image_size: int, trial_epochs: int, trials: int, parallel_trials: int, workers: int, gpus_per_worker: int,
+         procs_per_worker: int, best: Any, tuning_report: Any) -> None:
+    from bincount.backends import get_backend
+
+    experiment = f"{run_id(run_name, job_id)}-hpo"
+    trial = {"arch": arch, "weights": weights, "freeze": freeze, "image_size": image_size, "epochs": trial_epochs,
+             "precision": "auto"}
+    sized = search_space(space, experiment, trials, parallel_trials, trial,
+                         job_resources(workers, gpus_per_worker, procs_per_worker))
+    with tempfile.TemporaryDirectory(prefix="bincount-space-") as tmp:
+        path = Path(tmp, "tuning.yaml")
+        path.write_text(yaml.safe_dump(to_dict(sized), sort_keys=False))
+        result = get_backend(backend).tune(TuneJob(store=_store(splits), dataset=splits.metadata["dataset"],
+                                                   space=str(path), experiment=experiment))
+    print(result.table(), flush=True)
+    if result.best is None:
+        raise BincountError(f"experiment {experiment}: no trial succeeded; trials in {result.location}/trials.csv")
+    from bincount.tune.results import best_json
+
+    chosen = best_json(result)
+    Path(best.path).write_text(json.dumps(chosen, indent=2) + "\n")
+    best.metadata.update({"experiment": experiment, "location": result.location, **chosen["parameters"],
+                          chosen["objective"]["metric"]: chosen["objective"]["value"]})
+    Path(tuning_report.path).write_text(
+        f"# Hyperparameter search {experiment}\n\n{len(result.trials)} trials on the {backend} backend, "
+        f"objective {chosen['objective']['metric']} ({chosen['objective']['goal']}); results in "
+        f"`{result.location}`.\n\n```\n{result.table()}\n```\n")
+
+
+@stage
+def train(splits: Any, best: Any, backend: str, run_name: str, job_id: str, epochs: int, workers: int,
+          gpus_per_worker: int, procs_per_worker: int, model: Any, metrics: Any) -> None:
+    from bincount.backends import get_backend
+    from bincount.train.models import META_FILE, MODEL_FILE
+
+    run = run_id(run_name, job_id)
+    settings = json.loads(Path(best.path).read_text())["train"]
+    store = _store(splits)
+    cfg = from_dict(TrainConfig, {**settings, "store": store, "dataset": splits.metadata["dataset"], "run": run,
+                                  "epochs": epochs}, "train")
+    outcome = get_backend(backend).train(TrainJob(cfg, job_resources(workers, gpus_per_worker, procs_per_worker)))
+    for file in (MODEL_FILE, META_FILE):
+        _fetch(outcome.model, file, Path(model.path) / file)
+    meta = json.loads((Path(model.path) / META_FILE).read_text())
+    model.metadata.update({"store_uri": outcome.model, "run": run, "arch": meta["arch"],
+                           "input_size": meta["input_size"], "best_epoch": meta["best_epoch"]})
+    for name, value in outcome.metrics.items():
+        metrics.log_metric(name, value)
+
+
+@stage
+def evaluate(splits: Any, model: Any, test_metrics: Any, confusion_matrix: Any, evaluation_report: Any) -> float:
+    from bincount.evaluate import evaluate as run_evaluation, report_prefix
+    from bincount.store import open_store
+
+    store = _store(splits)
+    run = model.metadata["run"]
+    result = run_evaluation(EvaluateConfig(store=store, model=model.metadata["store_uri"],
+                                           dataset=splits.metadata["dataset"], split="test",
+                                           out=open_store(store).url(report_prefix(run))))
+    print(result.summary(), flush=True)
+    m = result.metrics
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "within_one_accuracy", "mae", "rmse"):
+        test_metrics.log_metric(name, m[name])
+    test_metrics.metadata["samples"] = m["samples"]
+    confusion_matrix.log_confusion_matrix(list(m["per_class"]), m["confusion_matrix"])
+    rows = "\n".join(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+                     for c, v in m["per_class"].items())
+    Path(evaluation_report.path).write_text(
+        f"# Test metrics of {run}\n\n{result.summary()}\n\n| items | precision | recall | F1 | images |\n"
+        f"|---|---|---|---|---|\n{rows}\n")
+    return float(m["accuracy"])
+
+
+@stage
+def deploy(model: Any, backend: str, name: str, accuracy: float) -> str:
+    from bincount.backends import get_backend
+    from bincount.data.dataset import default_cache_root
+
+    job = ServeJob(ServeConfig(model=model.metadata["store_uri"], name=name, port=0),
+                   workdir=str(default_cache_root() / "serving" / name))
+    endpoint = get_backend(backend).serve(job)
+    record = {"deployed": True, "name": name, "url": endpoint.url, "predict_url": endpoint.predict_url,
+              "stop": endpoint.stop_hint, "model": model.metadata["store_uri"], "test_accuracy": accuracy}
+    print(f"deployed {record['model']} at {endpoint.predict_url} (stop it with: {endpoint.stop_hint})", flush=True)
+    return json.dumps(record)
+
+
+@stage
+def skip_deploy(accuracy: float, threshold: float) -> str:
+    reason = f"test accuracy {accuracy:.4f} is below the deploy threshold {threshold:.4f}"
+    print(f"not deployed: {reason}", flush=True)
+    return json.dumps({"deployed": False, "reason": reason, "test_accuracy": accuracy})

@@ -1,0 +1,257 @@
+"""The Kubeflow pipeline: compiled specs in sync with the definitions, and the real kfp.local runner executing the
+whole graph (`bincount pipeline run`) on tiny synthetic data, down to a request to the deployed predictor."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import free_port
+
+from bincount.config import TRAINER_IMAGE, ClusterConfig
+from bincount.k8s.resources import S3_CREDENTIALS, store_settings
+from bincount.kfp import stages
+from bincount.kfp.compile import COMPONENTS_DIR, PIPELINE_FILE, compiled, drift
+from bincount.kfp.components import COMPONENTS
+from bincount.train.models import load_exported
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("download", "prepare", "tune", "train", "evaluate", "deploy", "skip-deploy")
+
+
+def test_committed_specs_equal_a_fresh_compile():
+    assert drift(REPO) == []
+    assert set(compiled()) == {PIPELINE_FILE, *(COMPONENTS_DIR / s.replace("-", "_") / "component.yaml"
+                                                 for s in STEPS)}
+
+
+def test_a_changed_definition_is_drift(tmp_path):
+    for path, text in compiled().items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    assert drift(tmp_path) == []
+    train = tmp_path / COMPONENTS_DIR / "train" / "component.yaml"
+    train.write_text(train.read_text().replace("epochs", "epoch"))
+    (tmp_path / PIPELINE_FILE).unlink()
+    assert sorted(drift(tmp_path)) == sorted([PIPELINE_FILE, COMPONENTS_DIR / "train" / "component.yaml"])
+
+
+def _specs() -> dict[str, dict]:
+    return {str(p): list(yaml.safe_load_all((REPO / p).read_text())) for p in compiled()}
+
+
+def test_every_step_runs_the_configured_trainer_image_without_installing_kfp():
+    executors = {}
+    for path, docs in _specs().items():
+        for name, executor in docs[0]["deploymentSpec"]["executors"].items():
+            executors[f"{path}:{name}"] = executor["container"]
+    assert len(executors) == 2 * len(STEPS)      # each step in the pipeline and in its own component.yaml
+    for where, container in executors.items():
+        assert container["image"] == TRAINER_IMAGE, where
+        assert not any("pip install" in part for part in container["command"]), where
+        assert "from bincount.kfp import stages" in container["command"][-1], where
+
+
+def test_steps_get_the_store_settings_from_the_platform_manifests():
+    """Settings by reference on a cluster, so kfp.local never inherits a cluster address."""
+    pipeline = list(yaml.safe_load_all((REPO / PIPELINE_FILE).read_text()))
+    executors = pipeline[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == len(STEPS)
+    cluster = ClusterConfig()
+    for name, spec in executors.items():
+        (config_map,), (secret,) = spec["configMapAsEnv"], spec["secretAsEnv"]
+        assert config_map["configMapName"] == cluster.store_config and not config_map["optional"], name
+        assert config_map["keyToEnv"] == [{"configMapKey": k, "envVar": k} for k in store_settings(cluster)], name
+        assert secret["secretName"] == cluster.s3_secret and not secret["optional"], name
+        assert secret["keyToEnv"] == [{"secretKey": k, "envVar": k} for k in S3_CREDENTIALS], name
+    for container in (e["container"] for e in pipeline[0]["deploymentSpec"]["executors"].values()):
+        assert "env" not in container
+    config_map = yaml.safe_load((REPO / "manifests" / "base" / "store.yaml").read_text())
+    assert config_map["metadata"]["name"] == cluster.store_config and config_map["data"] == store_settings(cluster)
+    assert "store.yaml" in yaml.safe_load((REPO / "manifests" / "base" / "kustomization.yaml").read_text())[
+        "resources"]
+
+
+def test_deploy_is_conditional_on_the_test_accuracy():
+    spec = next(yaml.safe_load_all((REPO / PIPELINE_FILE).read_text()))
+    assert spec["root"]["dag"]["tasks"]["condition-branches-1"]["dependentTasks"] == ["evaluate", "train"]
+    tasks = spec["components"]
+    conditions = {name: task["triggerPolicy"]["condition"]
+                  for name, task in tasks["comp-condition-branches-1"]["dag"]["tasks"].items()}
+    assert conditions == {
+        "condition-2": "inputs.parameter_values['pipelinechannel--evaluate-Output'] >= "
+                       "inputs.parameter_values['pipelinechannel--deploy_threshold']",
+        "condition-3": "!(inputs.parameter_values['pipelinechannel--evaluate-Output'] >= "
+                       "inputs.parameter_values['pipelinechannel--deploy_threshold'])"}
+
+
+def test_component_files_load_as_kfp_users_load_them():
+    from kfp import components
+
+    for name in STEPS:
+        loaded = components.load_component_from_file(str(REPO / COMPONENTS_DIR / name.replace("-", "_") /
+                                                          "component.yaml"))
+        assert loaded.name == name
+        assert loaded.component_spec.inputs.keys() == COMPONENTS[name].component_spec.inputs.keys()
+
+
+def test_run_names_are_dns_labels():
+    assert stages.run_id("", "0F3A9C21-77aa-4b3e") == "bc-0f3a9c21"
+    assert stages.run_id("nightly-7", "ignored") == "nightly-7"
+    for bad in ("Nightly", "7-nightly", "a" * 31, "under_score"):
+        with pytest.raises(stages.ConfigError, match="DNS label"):
+            stages.run_id(bad, "x")
+
+
+@pytest.mark.filterwarnings("ignore:.*non-Python base image")
+def test_skip_deploy_runs_under_kfp_local_and_says_why(tmp_path):
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path))
+    task = COMPONENTS["skip-deploy"](accuracy=0.31, threshold=0.5)
+    assert json.loads(task.output) == {"deployed": False, "test_accuracy": 0.31,
+                                       "reason": "test accuracy 0.3100 is below the deploy threshold 0.5000"}
+
+
+def _pipeline(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, BINCOUNT_CACHE=str(tmp / "cache"))
+    return subprocess.run([sys.executable, "-m", "bincount.cli", "pipeline", "run", "--store", str(tmp / "store"),
+                           "--pipeline-root", str(tmp / "kfp"), *args], cwd=tmp, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _only_run_dir(root: Path) -> Path:
+    (run,) = root.iterdir()
+    return run
+
+
+@pytest.mark.slow
+def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
+    done = _pipeline(tmp_path, "--images", "60", "--image-size", "64", "--trials", "2", "--trial-epochs", "1",
+                     "--epochs", "1", "--deploy-threshold", "0", "--run-name", "e2e")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = done.stdout[done.stdout.index("pipeline finished in"):]
+    deployment = None
+    try:
+        run = _only_run_dir(tmp_path / "kfp")
+        store = tmp_path / "store"
+
+        # data: 60 synthetic bins, balanced and split; the manifests in the artifact are the store's
+        raw = json.loads((run / "download" / "raw").read_text())
+        assert raw["source"] == "synthetic" and sum(raw["per_class"].values()) == 60
+        assert len(list((store / "raw" / "bin-images").glob("*.jpg"))) == 60
+        splits = run / "prepare" / "splits"
+        rows = {s: [json.loads(line) for line in (splits / f"{s}.jsonl").read_text().splitlines()]
+                for s in ("train", "val", "test")}
+        for s, items in rows.items():
+            assert (splits / f"{s}.jsonl").read_text() == (store / "datasets/quickstart" / f"{s}.jsonl").read_text()
+            for item in items:
+                meta = json.loads((store / "raw" / "metadata" / f"{item['key']}.json").read_text())
+                assert item["label"] == meta["EXPECTED_QUANTITY"]
+        assert not {i["key"] for i in rows["test"]} & {i["key"] for s in ("train", "val") for i in rows[s]}
+        assert (f"train {len(rows['train'])}, val {len(rows['val'])}, test {len(rows['test'])}") in summary
+        html = (run / "prepare" / "eda_html").read_text()
+        assert "quickstart" in html and html.count('src="data:image/png;base64,') >= 5
+
+        # tuning: two trials in the packaged space, the best one's settings handed to training
+        best = json.loads((run / "tune" / "best").read_text())
+        assert best["experiment"] == "e2e-hpo" and best["objective"]["metric"] == "val_accuracy"
+        assert 1e-3 <= best["parameters"]["lr"] <= 1e-2 and best["parameters"]["batch_size"] in (32, 64, 128, 256)
+        assert best["train"]["arch"] == "resnet18" and best["train"]["image_size"] == 64
+        assert "e2e-hpo-" in (run / "tune" / "tuning_report").read_text()
+        trials = (store / "tuning" / "e2e-hpo" / "trials.csv").read_text().splitlines()
+        assert len(trials) == 3 and [t.split(",")[1] for t in trials[1:]] == ["succeeded", "succeeded"]
+
+        # training: the exported model, copied into the Model artifact, trained with the best lr
+        model_dir = run / "train" / "model"
+        model, meta = load_exported(str(model_dir))
+        assert meta["arch"] == "resnet18" and meta["input_size"] == 64 and meta["epochs"] == 1
+        assert meta["config"]["lr"] == best["parameters"]["lr"]
+        assert (model_dir / "model.pt").read_bytes() == (store / "models" / "e2e" / "model.pt").read_bytes()
+
+        # evaluation: the Metrics and ClassificationMetrics artifacts say what metrics.json says
+        evaluation = json.loads((store / "reports" / "e2e" / "evaluation" / "metrics.json").read_text())
+        assert evaluation["samples"] == len(rows["test"])
+        executor = json.loads((run / "evaluate" / "executor_output.json").read_text())
+        logged = executor["artifacts"]["test_metrics"]["artifacts"][0]["metadata"]
+        assert logged["accuracy"] == pytest.approx(evaluation["accuracy"])
+        assert logged["mae"] == pytest.approx(evaluation["mae"])
+        matrix = executor["artifacts"]["confusion_matrix"]["artifacts"][0]["metadata"]["confusionMatrix"]
+        assert [a["displayName"] for a in matrix["annotationSpecs"]] == ["1", "2", "3", "4", "5"]
+        assert [r["row"] for r in matrix["rows"]] == evaluation["confusion_matrix"]
+        assert f"accuracy {evaluation['accuracy']:.4f}" in summary
+
+        # deployment: a live local predictor that counts a test photo
+        deployment = json.loads(executor_output(run, "deploy")["parameterValues"]["Output"])
+        assert deployment["deployed"] and deployment["model"] == str(store / "models" / "e2e")
+        assert deployment["predict_url"] in summary and deployment["stop"] in summary
+        photo = (store / "raw" / "bin-images" / f"{rows['test'][0]['key']}.jpg").read_bytes()
+        body = json.dumps({"instances": [{"image": {"b64": base64.b64encode(photo).decode()}}]}).encode()
+        request = urllib.request.Request(deployment["predict_url"], body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            prediction = json.loads(response.read())["predictions"][0]
+        assert prediction["count"] in (1, 2, 3, 4, 5)
+        assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    finally:
+        if deployment:
+            os.kill(int(deployment["stop"].split()[1]), signal.SIGTERM)
+
+
+def executor_output(run: Path, step: str) -> dict:
+    return json.loads((run / step / "executor_output.json").read_text())
+
+
+def test_a_failing_step_stops_the_pipeline_with_its_own_error(tmp_path):
+    done = _pipeline(tmp_path, "--images", "0")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == ("bincount: error: pipeline step download failed: synthetic: "
+                                                    "n must be at least 1, got 0")
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "Executing task 'prepare'" not in done.stderr.replace("\x1b[96m", "").replace("\x1b[0m", "")
+    assert not (tmp_path / "store" / "datasets").exists()
+
+
+def test_an_empty_dataset_stops_the_pipeline_at_prepare(tmp_path, s3_server):
+    """An ABID mirror with nothing in it: the download copies no pair, and prepare says so."""
+    bucket = s3_server.new_bucket("empty-mirror")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:*",
+                                                      "Resource": [f"arn:aws:s3:::{bucket}",
+                                                                   f"arn:aws:s3:::{bucket}/*"]}]}
+    s3_server.client().set_bucket_policy(bucket, json.dumps(policy))
+    done = _pipeline(tmp_path, "--source", "abid", "--source-endpoint", s3_server.endpoint, "--source-bucket", bucket,
+                     "--images", "20")
+    assert done.returncode == 1, done.stdout[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (f"bincount: error: pipeline step prepare failed: no metadata under {tmp_path}/store/raw/metadata/; "
+                    "run `bincount data synthetic` or `bincount data download` first")
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_bad_pipeline_flags_are_refused_before_anything_runs(tmp_path):
+    done = _pipeline(tmp_path, "--images", "many")
+    assert done.returncode == 2 and "argument --images: invalid int value: 'many'" in done.stderr
+    assert not (tmp_path / "kfp").exists()
+
+
+def test_submit_to_an_unreachable_server_is_one_clear_error(tmp_path):
+    port = free_port()
+    done = subprocess.run([sys.executable, "-m", "bincount.cli", "pipeline", "submit", "--host",
+                           f"http://127.0.0.1:{port}", "--images", "10"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"bincount: error: cannot reach the KFP server at http://127.0.0.1:{port}: "
+        f"HTTPConnection(host='127.0.0.1', port={port}): Failed to establish a new connection: "
+        "[Errno 111] Connection refused"]
+    missing = subprocess.run([sys.executable, "-m", "bincount.cli", "pipeline", "submit", "--host",
+                              f"http://127.0.0.1:{port}", "--package", str(tmp_path / "nope.yaml")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"bincount: error: no compiled pipeline at {tmp_path / 'nope.yaml'}"
