@@ -21,6 +21,7 @@ from bincount.k8s.resources import S3_CREDENTIALS, store_settings
 from bincount.kfp import stages
 from bincount.kfp.compile import COMPONENTS_DIR, PIPELINE_FILE, compiled, drift
 from bincount.kfp.components import COMPONENTS
+from bincount.kfp.pipeline import bin_counting
 from bincount.train.models import load_exported
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +102,17 @@ def test_component_files_load_as_kfp_users_load_them():
                                                           "component.yaml"))
         assert loaded.name == name
         assert loaded.component_spec.inputs.keys() == COMPONENTS[name].component_spec.inputs.keys()
+    pipeline = components.load_component_from_file(str(REPO / PIPELINE_FILE))
+    assert pipeline.name == "bin-counting"
+    assert pipeline.component_spec.inputs.keys() == bin_counting.component_spec.inputs.keys()
+
+
+def test_the_package_adds_no_top_level_components_or_pipelines_module():
+    """The compiled specs live beside the package; an installed wheel carries only `bincount`."""
+    from setuptools import find_packages
+
+    assert {p.split(".")[0] for p in find_packages(str(REPO / "src"))} == {"bincount"}
+    assert "bincount.kfp" in find_packages(str(REPO / "src"))
 
 
 def test_run_names_are_dns_labels():
@@ -160,6 +172,8 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
         assert (f"train {len(rows['train'])}, val {len(rows['val'])}, test {len(rows['test'])}") in summary
         html = (run / "prepare" / "eda_html").read_text()
         assert "quickstart" in html and html.count('src="data:image/png;base64,') >= 5
+        assert (run / "prepare" / "eda_markdown").read_text() == (
+            store / "reports" / "quickstart" / "eda" / "report.md").read_text()
 
         # tuning: two trials in the packaged space, the best one's settings handed to training
         best = json.loads((run / "tune" / "best").read_text())
@@ -176,11 +190,13 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
         assert meta["arch"] == "resnet18" and meta["input_size"] == 64 and meta["epochs"] == 1
         assert meta["config"]["lr"] == best["parameters"]["lr"]
         assert (model_dir / "model.pt").read_bytes() == (store / "models" / "e2e" / "model.pt").read_bytes()
+        validation = executor_output(run, "train")["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+        assert validation == pytest.approx(meta["metrics"]) and "val_accuracy" in validation
 
         # evaluation: the Metrics and ClassificationMetrics artifacts say what metrics.json says
         evaluation = json.loads((store / "reports" / "e2e" / "evaluation" / "metrics.json").read_text())
         assert evaluation["samples"] == len(rows["test"])
-        executor = json.loads((run / "evaluate" / "executor_output.json").read_text())
+        executor = executor_output(run, "evaluate")
         logged = executor["artifacts"]["test_metrics"]["artifacts"][0]["metadata"]
         assert logged["accuracy"] == pytest.approx(evaluation["accuracy"])
         assert logged["mae"] == pytest.approx(evaluation["mae"])
@@ -188,6 +204,8 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
         assert [a["displayName"] for a in matrix["annotationSpecs"]] == ["1", "2", "3", "4", "5"]
         assert [r["row"] for r in matrix["rows"]] == evaluation["confusion_matrix"]
         assert f"accuracy {evaluation['accuracy']:.4f}" in summary
+        assert f"| 1 | {evaluation['per_class']['1']['precision']:.3f} |" in (run / "evaluate" /
+                                                                            "evaluation_report").read_text()
 
         # deployment: a live local predictor that counts a test photo
         deployment = json.loads(executor_output(run, "deploy")["parameterValues"]["Output"])
