@@ -4,7 +4,9 @@ schedules, config checks, manifests, the image cache and the transforms."""
 from __future__ import annotations
 
 import io
+import re
 import time
+from datetime import datetime, timezone
 
 import pytest
 import torch
@@ -137,11 +139,17 @@ def test_config_checks_collect_every_problem(tmp_path):
         validate(TrainConfig(store="s", dataset="d", run="../x"))
 
 
-def test_metric_line_is_read_whole_by_katibs_regex():
+def test_metric_line_is_read_whole_by_katibs_regex_after_its_time():
+    """Katib's collector parses a metric line's first word with Go's time.RFC3339Nano layout (zero time if that
+    fails), and the regex must take no pair from it."""
+    before = datetime.now(timezone.utc)
     line = metric_line({"epoch": 3, "train_loss": 1.21, "train_accuracy": 0.5, "val_loss": 1.3,
                         "val_accuracy": 0.41, "val_mae": 0.7, "lr": 4e-05})
-    assert line == "epoch=3 train_loss=1.21 train_accuracy=0.5 val_loss=1.3 val_accuracy=0.41 val_mae=0.7 lr=4e-05"
-    assert [(name, float(value)) for name, value, *_ in KATIB_METRIC.findall(line)][-1] == ("lr", 4e-05)
+    stamp, pairs = line.split(" ", 1)
+    assert pairs == "epoch=3 train_loss=1.21 train_accuracy=0.5 val_loss=1.3 val_accuracy=0.41 val_mae=0.7 lr=4e-05"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+    assert before <= datetime.fromisoformat(stamp.replace("Z", "+00:00")) <= datetime.now(timezone.utc)
+    assert [f"{name}={value}" for name, value, *_ in KATIB_METRIC.findall(line)] == pairs.split()
 
 
 def _jpeg(size: tuple[int, int], colour=(200, 30, 30)) -> bytes:

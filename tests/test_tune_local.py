@@ -1,5 +1,6 @@
-"""Local tuning end to end on tiny synthetic data: real trainer trials under torchrun, their stdout metric lines,
-optuna's median pruner, parallel trials, and a tuner killed mid-trial that resumes from the study in the store.
+"""Local tuning end to end on tiny synthetic data: real trainer trials (single processes forked from the tuner's
+fork server, or torchrun's), their stdout metric lines, optuna's median pruner, parallel trials, and a tuner killed
+mid-trial that resumes from the study in the store.
 
 The datasets have no test split at all: tuning must never need it."""
 
@@ -66,16 +67,17 @@ def stored_study(store: str, name: str, tmp_path: Path) -> optuna.Study:
 
 
 def test_local_search_runs_parallel_trials_prunes_a_bad_one_and_picks_the_best(local_store, tmp_path):
-    """Four enqueued trials, two at a time: the fourth (lr 5, 200 epochs) is far worse at epoch 1 than the two
-    finished ones, so median stop must end it; were it not killed, the trainer would log 200 epochs."""
+    """Four enqueued trials, two at a time: the fourth (lr 5, 2000 epochs) is far worse at epoch 1 than the two
+    finished ones, so median stop must end it; were it not killed, the trainer would log 2000 epochs. (A head
+    epoch on tiny features takes milliseconds, so a few dozen pass before the tuner's signal lands.)"""
     name = "tiny-search"
     space = space_file(tmp_path / "tuning.yaml", tmp_path / "cache", True, name=name, max_trials=4, parallel_trials=2,
                        max_failed_trials=1, early_stopping={"min_trials": 2, "start_step": 1},
                        parameters=[{"name": "lr", "type": "double", "min": 1e-4, "max": 10.0, "log": True},
-                                   {"name": "epochs", "type": "categorical", "values": [2, 200]}])
+                                   {"name": "epochs", "type": "categorical", "values": [2, 2000]}])
     seed = tmp_path / "seed.db"       # the trials to run first, put where a resumed search reads its study
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{seed}", direction="minimize")
-    for lr, epochs in ((1e-3, 2), (3e-3, 2), (2e-3, 2), (5.0, 200)):
+    for lr, epochs in ((1e-3, 2), (3e-3, 2), (2e-3, 2), (5.0, 2000)):
         study.enqueue_trial({"lr": lr, "epochs": epochs})
     open_store(local_store).put_file(f"tuning/{name}/study.db", seed)
     lines = []
@@ -87,9 +89,9 @@ def test_local_search_runs_parallel_trials_prunes_a_bad_one_and_picks_the_best(l
     assert sorted(by_lr) == [1e-3, 2e-3, 3e-3, 5.0]
     assert by_lr[1e-3].state == by_lr[3e-3].state == "succeeded"
     bad = by_lr[5.0]
-    assert bad.state == "early-stopped" and bad.parameters["epochs"] == 200
+    assert bad.state == "early-stopped" and bad.parameters["epochs"] == 2000
     assert any(line.startswith(f"trial {bad.name} early-stopped at epoch 1") for line in lines), lines
-    assert len(trainer_log(local_store, bad.name)) < 20, "the pruned trial's trainer was not stopped"
+    assert len(trainer_log(local_store, bad.name)) < 200, "the pruned trial's trainer was not stopped"
 
     for t in result.trials:             # each trial's value is its best epoch as the trainer logged it
         if t.state == "succeeded":
@@ -186,3 +188,21 @@ def test_failed_trials_count_against_max_failed_trials(local_store, tmp_path):
     assert [r["state"] for r in rows] == ["failed"]
     assert f"cannot read weights file {tmp_path / 'missing.pt'}" in rows[0]["message"]
     assert not open_store(local_store).exists(f"tuning/{name}/best.json")
+
+
+def test_a_trial_of_two_processes_runs_under_torchrun(local_store, tmp_path):
+    """procs_per_worker 2: the trial is torchrun's two ranks, as in a Katib trial's pod, and is judged by rank 0's
+    metric lines like a forked one."""
+    name = "ddp-search"
+    space = space_file(tmp_path / "tuning.yaml", tmp_path / "cache", name=name, max_trials=1, parallel_trials=1,
+                       resources={"procs_per_worker": 2, "cpu_request": "1", "cpu_limit": "2",
+                                  "memory_request": "1Gi", "memory_limit": "2Gi", "shm_size": "256Mi"})
+
+    result = run_local(TuneJob(store=local_store, dataset=DATASET, space=space, workdir=str(tmp_path / "work")),
+                       progress=lambda line: None)
+
+    [trial] = result.trials
+    assert trial.state == "succeeded", trial.message
+    assert trial.value == min(r["val_loss"] for r in trainer_log(local_store, trial.name))
+    log = (tmp_path / "work" / "logs" / f"{trial.name}.log").read_text()
+    assert "2 process(es) on cpu" in log and "rank 1: final weights" in log

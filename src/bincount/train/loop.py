@@ -2,8 +2,8 @@
 
 `train` reads top to bottom: set up (process group, data, model, recipe, checkpoint), then for each epoch
 train, validate, checkpoint and print the metric line, then export the best model. Rank 0 alone writes to the
-store and to stdout; stdout carries nothing but metric lines (`epoch=3 train_loss=1.21 … lr=0.0004`, the form
-Katib's StdOut collector parses); progress goes to stderr.
+store and to stdout; stdout carries nothing but metric lines (`2025-01-02T03:04:05.123456Z epoch=3 …
+lr=0.0004`, the form Katib's StdOut collector parses, time first); progress goes to stderr.
 
 A fixed seed makes a CPU run reproducible, across a kill and resume too: the sampler's order is a function of
 (seed, epoch), DataLoader workers are seeded from the main process's RNG as each epoch starts, and the
@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -214,7 +215,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         rngs = distributed.all_gather(d, rng_state())
         with distributed.phase(d):
             if d.main:
-                save_checkpoint(store, cfg, net, model, optimizer, scheduler, scaler, state, rngs, improved)
+                save_checkpoint(store, cfg, net, optimizer, scheduler, scaler, state, rngs, improved)
                 if profiler is not None:
                     _upload_trace(store, cfg.run, profiler)
         if d.main:
@@ -237,7 +238,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if len(set(digests)) > 1:
             raise BincountError(f"DDP replicas diverged: final weights differ between ranks ({digests})")
         if d.main:
-            export(store, cfg, state)
+            export(store, cfg, state, net, model)
             report.write(store, cfg.run, state.history)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     return TrainResult(cfg.run, store.url(model_prefix(cfg.run)), state.best_epoch,
@@ -311,7 +312,11 @@ def _check_finite(loss: torch.Tensor, d: Dist, run: str, epoch: int, step: int) 
 
 
 def metric_line(record: dict) -> str:
-    return " ".join(f"{k}={_format(record[k])}" for k in METRIC_KEYS)
+    """`<RFC3339 UTC time> epoch=3 train_loss=1.21 …`. Katib's collector takes a line's first word as its time
+    (zero time when it is none), and its median stop averages each trial's first `start_step` values in time
+    order: every epoch needs its own time, to the microsecond that Katib's database keeps."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return " ".join([now, *(f"{k}={_format(record[k])}" for k in METRIC_KEYS)])
 
 
 def _format(value: float) -> str:
@@ -486,22 +491,27 @@ def load_checkpoint(store: Store, cfg: TrainConfig) -> dict | None:
     return ckpt
 
 
-def save_checkpoint(store: Store, cfg: TrainConfig, net: nn.Module, model: nn.Module, optimizer, scheduler,
-                    scaler, state: RunState, rngs: list[dict], improved: bool) -> None:
-    """best.pt (the whole model) when it improved, then last.pt, then the metric log; each write atomic."""
+def save_checkpoint(store: Store, cfg: TrainConfig, net: nn.Module, optimizer, scheduler, scaler, state: RunState,
+                    rngs: list[dict], improved: bool) -> None:
+    """best.pt when it improved, then last.pt, then the metric log; each write atomic. Both hold what trains
+    (`net`): the whole model, or over cached features only its head — a frozen backbone is not written again
+    every epoch of every trial."""
     if improved:
-        store.put(checkpoint_key(cfg.run, "best.pt"), _save(model.state_dict()))
+        store.put(checkpoint_key(cfg.run, "best.pt"), _save(net.state_dict()))
     store.put(checkpoint_key(cfg.run), _save({
         "net": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "state": dataclasses.asdict(state), "rng": rngs, "config": to_dict(cfg)}))
     store.put_text(checkpoint_key(cfg.run, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in state.history))
 
 
-def export(store: Store, cfg: TrainConfig, state: RunState) -> None:
-    """models/<run>/model.pt (the best epoch's weights), then model.json, whose presence marks it complete."""
+def export(store: Store, cfg: TrainConfig, state: RunState, net: nn.Module, model: nn.Module) -> None:
+    """models/<run>/model.pt (the whole model with the best epoch's `net` weights), then model.json, whose
+    presence marks it complete."""
     prefix = model_prefix(cfg.run)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
-    store.put(f"{prefix}/{models.MODEL_FILE}", store.get(checkpoint_key(cfg.run, "best.pt")))
+    net.load_state_dict(torch.load(io.BytesIO(store.get(checkpoint_key(cfg.run, "best.pt"))),
+                                   map_location=next(net.parameters()).device, weights_only=True))
+    store.put(f"{prefix}/{models.MODEL_FILE}", _save(model.state_dict()))
     meta = {"arch": cfg.arch, "classes": list(cfg.classes), "input_size": cfg.image_size,
             "resize": presets.RESIZE_MODE, "mean": list(presets.IMAGENET_MEAN), "std": list(presets.IMAGENET_STD),
             "best_epoch": state.best_epoch, "metrics": {k: best[k] for k in METRIC_KEYS if k != "epoch"},

@@ -1,10 +1,13 @@
 """The local twin of a Katib Experiment: an optuna study over the same search space.
 
-Each trial runs what a Katib trial runs — the trainer under torchrun (`JobResources.torchrun_argv`) with the
-space's trainer arguments, the parameter flags and `--run-id` — and is judged by what Katib's StdOut collector
-reads: the trainer's metric lines, parsed with the same regex. Intermediate values go to optuna's median pruner
-(Katib's medianstop settings); a stopped trial's torchrun is terminated, and it stops its workers. One thread
-owns the study through optuna's ask-and-tell interface; reader threads only forward stdout lines.
+Each trial runs what a Katib trial runs — the trainer entrypoint with the space's trainer arguments, the
+parameter flags and `--run-id` — and is judged by what Katib's StdOut collector reads: the trainer's metric
+lines, parsed with the same regex. A trial of several processes runs under torchrun
+(`JobResources.torchrun_argv`); a single-process trial, which the trainer runs without torchrun, is forked from
+a server that has imported the trainer once, so that a trial training a head on cached features for a fraction
+of a second does not wait seconds for an interpreter to import torch. Intermediate values go to optuna's median
+pruner (Katib's medianstop settings); a stopped trial's process is terminated (torchrun stops its workers). One
+thread owns the study through optuna's ask-and-tell interface; reader threads only forward stdout lines.
 
 When the trials share cached backbone features, the first trial runs alone, with every core, until it prints an
 epoch: by then it has put the features in the store, and the trials after it only read them.
@@ -20,25 +23,31 @@ import contextlib
 import hashlib
 import json
 import math
+import multiprocessing
+import multiprocessing.forkserver
+import os
 import queue
 import re
 import secrets
 import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
-from bincount import processes
+from bincount import cli, processes
 from bincount.config import TuneJob
 from bincount.data.dataset import default_cache_root
 from bincount.errors import BincountError, ConfigError
@@ -53,6 +62,9 @@ METRIC = re.compile(METRICS_FORMAT)
 RUN_ATTR, RESUMES_ATTR, MESSAGE_ATTR, METRICS_ATTR, KILLED_ATTR = "run", "resumes", "message", "metrics", "killed"
 SPACE_ATTR = "space"
 KILL_GRACE = 20.0
+# What a forked trial runs, imported once by the fork server: this module, which imports the trainer and the
+# CLI that parses its flags, and the plotting library that draws the trainer's report.
+PRELOAD = ("bincount.tune.local", "matplotlib.pyplot")
 
 
 class TuneFailed(BincountError):
@@ -60,6 +72,9 @@ class TuneFailed(BincountError):
 
 
 def run_local(job: TuneJob, progress: Progress = say) -> TuneResult:
+    """The search, to the end or to its first failure. Single-process trials are forked by multiprocessing's fork
+    server, which imports the caller's main module in each trial, so a script calling this guards its entry with
+    `if __name__ == "__main__":`."""
     space = load_space(job.space or None)
     name = job.experiment or space.name
     check_name(name)
@@ -67,9 +82,10 @@ def run_local(job: TuneJob, progress: Progress = say) -> TuneResult:
     require_dataset(store, job.dataset)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     workdir = Path(job.workdir) if job.workdir else default_cache_root() / "tuning" / _store_id(store) / name
+    forks = _fork_server() if space.resources.procs_per_worker == 1 else None
     study_file = StudyFile(store, f"{results.prefix(name)}/study.db", workdir / "study.db")
     study_file.pull()
-    search = _Search(space, name, job, store, study_file, workdir / "logs", progress)
+    search = _Search(space, name, job, store, study_file, workdir / "logs", progress, forks)
     with _sigterm_as_interrupt():
         search.run()
     trials = search.records()
@@ -181,10 +197,64 @@ def pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=stop.min_trials, n_warmup_steps=stop.start_step)
 
 
+def trial_args(space: SearchSpace, job: TuneJob, params: dict[str, Any], run: str) -> list[str]:
+    """The trainer's arguments: what the Katib trial's container runs after `torchrun -m bincount.train`."""
+    return [*space.trial_args(job.store, job.dataset), *space.parameter_args(params), RUN_FLAG, run]
+
+
 def trial_argv(space: SearchSpace, job: TuneJob, params: dict[str, Any], run: str) -> list[str]:
-    """A trial's command: torchrun, then what the Katib trial's container runs after `torchrun`."""
-    return [*space.resources.torchrun_argv(), *space.trial_args(job.store, job.dataset),
-            *space.parameter_args(params), RUN_FLAG, run]
+    """A trial's command under torchrun."""
+    return [*space.resources.torchrun_argv(), *trial_args(space, job, params, run)]
+
+
+def _trainer(args: list[str], stdout: Connection, log: str, env: dict[str, str]) -> None:
+    """A forked trial: the tuner's pipe as stdout, the trial's log as stderr, the tuner's environment of now (the
+    fork server's dates from its start) with the trial's thread count, then `python -m bincount.train ARGS`."""
+    os.dup2(stdout.fileno(), 1)
+    stdout.close()
+    with open(log, "a") as err:
+        os.dup2(err.fileno(), 2)
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.exit(cli.main(["train", *args]))
+
+
+def _fork_server() -> multiprocessing.context.ForkServerContext:
+    """The context that forks single-process trials. Its server starts now and imports PRELOAD while the study
+    loads; it serves every later search of this process too."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOAD))        # no effect once the server runs
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
+class _Forked:
+    """A single-process trial forked from the fork server, with the part of Popen's interface the search uses."""
+
+    def __init__(self, context: multiprocessing.context.ForkServerContext, args: list[str], log: Path,
+                 env: dict[str, str]):
+        reader, writer = context.Pipe(duplex=False)
+        self.process = context.Process(target=_trainer, args=(args, writer, str(log), env))
+        self.process.start()
+        writer.close()
+        self.stdout = open(os.dup(reader.fileno()), encoding="utf-8")
+        reader.close()
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.process.name, timeout)
+        return self.process.exitcode
+
+    def terminate(self) -> None:
+        self.process.terminate()
+
+    def kill(self) -> None:
+        self.process.kill()
 
 
 def fingerprint(space: SearchSpace) -> dict[str, Any]:
@@ -214,7 +284,7 @@ class _Trial:
 
     trial: optuna.Trial
     run: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen | _Forked
     log: Path
     started: float = field(default_factory=time.monotonic)
     values: dict[int, float] = field(default_factory=dict)       # epoch → objective
@@ -222,15 +292,15 @@ class _Trial:
     pruned_at: int | None = None
 
     def stop(self) -> None:
-        """torchrun forwards SIGTERM to its workers and exits."""
+        """SIGTERM ends a forked trainer; torchrun forwards it to its workers and exits."""
         processes.stop(self.proc, KILL_GRACE)
 
 
 class _Search:
     def __init__(self, space: SearchSpace, name: str, job: TuneJob, store: Store, study_file: StudyFile,
-                 logs: Path, progress: Progress):
+                 logs: Path, progress: Progress, forks: multiprocessing.context.ForkServerContext | None):
         self.space, self.name, self.job, self.store, self.file, self.logs = space, name, job, store, study_file, logs
-        self.say = progress
+        self.say, self.forks = progress, forks
         self.study = open_study(space, name, study_file.url)
         self.budget = space.max_trials
         if space.algorithm == "grid":
@@ -298,9 +368,11 @@ class _Search:
         return 1 if self.warming else self.space.parallel_trials
 
     def _can_launch(self) -> bool:
+        """Asked after every stdout line: the study is read only when a trial could start."""
+        if self.stopping or len(self.running) >= self._parallel():
+            return False
         finished, _ = self._counts()
-        return (not self.stopping and len(self.running) < self._parallel()
-                and finished + len(self.running) < self.budget)
+        return finished + len(self.running) < self.budget
 
     def _launch(self) -> None:
         trial = self.study.ask(self.space.distributions())
@@ -308,11 +380,14 @@ class _Search:
         trial.set_user_attr(RUN_ATTR, run)
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{run}.log"
-        argv = trial_argv(self.space, self.job, trial.params, run)
         env = self.space.resources.torchrun_env(concurrent_jobs=self._parallel())
-        with open(log, "a") as err:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                    env=env, text=True, bufsize=1)
+        proc: subprocess.Popen | _Forked
+        if self.forks is not None:
+            proc = _Forked(self.forks, trial_args(self.space, self.job, trial.params, run), log, env)
+        else:
+            with open(log, "a") as err:
+                proc = subprocess.Popen(trial_argv(self.space, self.job, trial.params, run), stdout=subprocess.PIPE,
+                                        stderr=err, stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1)
         current = _Trial(trial, run, proc, log)
         self.running[trial.number] = current
         threading.Thread(target=_forward, args=(trial.number, proc, self.events), daemon=True).start()
@@ -418,9 +493,10 @@ class _Search:
         return out
 
 
-def _forward(number: int, proc: subprocess.Popen, events: queue.Queue) -> None:
+def _forward(number: int, proc: subprocess.Popen | _Forked, events: queue.Queue) -> None:
     for line in proc.stdout:
         events.put((number, line.rstrip("\n")))
+    proc.stdout.close()
     events.put((number, None))
 
 
