@@ -114,16 +114,7 @@ def cmd_manifests_render(args: argparse.Namespace) -> None:
 
     from bincount.k8s.manifests import drift, write
 
-    out = Path(args.out)
-    if args.check:
-        problems = drift(out)
-        if problems:
-            raise BincountError(f"{out} differs from the builders ({'; '.join(problems)}); "
-                                f"run `bincount manifests render --out {out}`")
-        print(f"{out} matches the builders")
-    else:
-        changed = write(out)
-        print(f"rendered {out}: {len(changed)} file(s) changed")
+    _generate(Path(args.out), args.check, drift, write, "the manifests", f"bincount manifests render --out {args.out}")
 
 
 def cmd_pipeline_run(args: argparse.Namespace) -> None:
@@ -143,16 +134,20 @@ def cmd_pipeline_compile(args: argparse.Namespace) -> None:
 
     from bincount.kfp.compile import drift, write
 
-    root = Path(args.root)
-    if args.check:
+    _generate(Path(args.root), args.check, drift, write, "the compiled pipeline and components",
+              f"bincount pipeline compile --root {args.root}")
+
+
+def _generate(root, check: bool, drift: Callable, write: Callable, what: str, command: str) -> None:
+    """Files generated from Python under `root`: write what changed, or (`check`) fail when any is stale."""
+    if check:
         stale = drift(root)
         if stale:
-            raise BincountError(f"compiled specs differ from src/bincount/kfp: {', '.join(map(str, stale))}; "
-                                f"run `bincount pipeline compile --root {root}`")
-        print(f"the compiled pipeline and components under {root} are current")
+            raise BincountError(f"{what} under {root} differ from their source ({'; '.join(map(str, stale))}); "
+                                f"run `{command}`")
+        print(f"{what} under {root} are current")
     else:
-        changed = write(root)
-        print(f"compiled the pipeline and components under {root}: {len(changed)} file(s) changed")
+        print(f"wrote {what} under {root}: {len(write(root))} file(s) changed")
 
 
 def cmd_pipeline_submit(args: argparse.Namespace) -> None:
