@@ -61,13 +61,14 @@ class PipelineRun:
             f"pipeline finished in {self.seconds / 60:.1f} min on the {a['backend']} backend; store {splits['store']}",
             f"  data        {a['images']} {a['source']} images → dataset {splits['dataset']}: "
             f"train {splits['train']:.0f}, val {splits['val']:.0f}, test {splits['test']:.0f}",
-            f"  EDA report  {o['eda'].path}",
+            f"  EDA report  {o['eda'].metadata['uri']}",
             f"  tuning      {a['trials']} trials, best {params}: {objective['metric']} {objective['value']:.4f} "
             f"({o['best'].metadata['location']})",
             f"  model       {model['store_uri']} ({model['arch']}, {model['input_size']:.0f} px, best epoch "
             f"{model['best_epoch']:.0f} of {a['epochs']})",
             f"  test        accuracy {test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}, within one "
             f"item {test['within_one_accuracy']:.4f}, MAE {test['mae']:.3f} ({test['samples']:.0f} images)",
+            f"  reports     {model['reports']} (training curves and step times, test metrics, confusion matrix)",
         ]
         if deployment["deployed"]:
             lines += [f"  endpoint    {deployment['predict_url']}",

@@ -33,12 +33,12 @@ from bincount.errors import BincountError, ConfigError
 
 STAGE_ERRORS_ENV = "BINCOUNT_STAGE_ERRORS"
 SOURCES = ("abid", "synthetic")
-MODEL_FILES = ("model.pt", "model.json")
 RUN_RE = re.compile(r"^[a-z]([-a-z0-9]{0,28}[a-z0-9])?$")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def stage(fn: F) -> F:
+    """A step's user-facing failure as one line (and a file for the local run), not a traceback."""
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -178,6 +178,7 @@ def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, arch
 def train(splits: Any, best: Any, backend: str, run_name: str, job_id: str, epochs: int, workers: int,
           gpus_per_worker: int, procs_per_worker: int, model: Any, metrics: Any) -> None:
     from bincount.backends import get_backend
+    from bincount.store import open_store
     from bincount.train.models import META_FILE, MODEL_FILE
 
     run = run_id(run_name, job_id)
@@ -190,7 +191,8 @@ def train(splits: Any, best: Any, backend: str, run_name: str, job_id: str, epoc
         _fetch(outcome.model, file, Path(model.path) / file)
     meta = json.loads((Path(model.path) / META_FILE).read_text())
     model.metadata.update({"store_uri": outcome.model, "run": run, "arch": meta["arch"],
-                           "input_size": meta["input_size"], "best_epoch": meta["best_epoch"]})
+                           "input_size": meta["input_size"], "best_epoch": meta["best_epoch"],
+                           "reports": open_store(store).url(f"reports/{run}")})
     for name, value in outcome.metrics.items():
         metrics.log_metric(name, value)
 
