@@ -201,6 +201,26 @@ def test_train_transform_keeps_size_and_to_input_normalizes():
     assert x[0, :, 0, 0].tolist() == pytest.approx(expected)
 
 
+def test_counting_augment_only_flips_turns_and_recolours():
+    """Every output shows the same red items, in one of the 8 flips/quarter turns: nothing cut, blackened or moved."""
+    image = torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    items = torch.zeros(32, 32, dtype=torch.bool)
+    items[2:6, 3:12] = items[20:29, 25:28] = items[14, 0] = True
+    image[1:, items] = 0
+    variants = [torch.rot90(m, k) for m in (items, items.flip(1)) for k in range(4)]
+    torch.manual_seed(0)
+    seen, colours = set(), set()
+    transform = presets.train_transform(32, "counting")
+    for _ in range(64):
+        out = transform(image)
+        mask = out.float().mean(0) < 128
+        matches = [i for i, v in enumerate(variants) if torch.equal(mask, v)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+        colours.add(int(out[:, mask].float().mean(1).argmax()))
+    assert seen == set(range(8)) and colours == {0, 1, 2}
+
+
 def test_report_flags_plateau_and_overfitting():
     def epoch(n, train_loss, val_loss):
         return {"epoch": n, "train_loss": train_loss, "val_loss": val_loss}

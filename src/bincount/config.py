@@ -103,7 +103,7 @@ class TrainConfig:
     classes: tuple[int, ...] = CLASSES
     image_size: int = 224
     cache_size: int = 256                       # local cache keeps images with this shorter side; 0: originals
-    augment: str = "counting"                   # none, flip (the seed's), counting (flips, rotation, colour)
+    augment: str = "counting"                   # none, flip (the seed's), counting (flips, quarter turns, colour)
     epochs: int = 10
     batch_size: int = 64                        # per process
     optimizer: str = "adamw"                    # adam, adamw, sgd

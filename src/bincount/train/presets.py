@@ -16,14 +16,29 @@ AUGMENTS = ("none", "flip", "counting")
 RESIZE_MODE = "stretch"
 
 
+class RandomRot90(v2.Transform):
+    """A random number of quarter turns: on the square input they move items without resampling or cutting any."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        return {"k": int(torch.randint(4, ()))}
+
+    def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
+        return torch.rot90(inpt, params["k"], dims=(-2, -1))
+
+
 def train_transform(size: int, augment: str) -> v2.Transform:
-    """`flip` is the seed's horizontal flip; `counting` adds what leaves the count unchanged."""
+    """`flip` is the seed's horizontal flip; `counting` adds what leaves the count unchanged.
+
+    A bin seen from above has no up, left or colour that matters: all eight flips and quarter turns, a shuffle of
+    the colour channels and mild light changes keep the count. Small free rotations are left out: they resample
+    and blacken the corners, where items near the wall may lie.
+    """
     steps: list[v2.Transform] = [v2.Resize((size, size), antialias=True)]
     if augment in ("flip", "counting"):
         steps.append(v2.RandomHorizontalFlip())
     if augment == "counting":
-        steps += [v2.RandomVerticalFlip(), v2.RandomRotation(10),
-                  v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)]
+        steps += [v2.RandomVerticalFlip(), RandomRot90(), v2.RandomChannelPermutation(),
+                  v2.ColorJitter(brightness=0.2, contrast=0.2)]
     return v2.Compose(steps)
 
 
