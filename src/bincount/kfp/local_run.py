@@ -25,10 +25,10 @@ from bincount.kfp.stages import STAGE_ERRORS_ENV
 # The local run's defaults where they differ from the pipeline's (which are a cluster's): synthetic bins into a
 # local store, a small network trained from scratch (no pretrained weights offline), a short search.
 QUICKSTART: dict[str, Any] = {
-    "source": "synthetic", "images": 600, "store": "bincount-data", "dataset": "quickstart",
-    "arch": "resnet18", "weights": "none", "freeze": "none", "image_size": 96,
-    "space": "quickstart.yaml", "trials": 2, "parallel_trials": 1, "trial_epochs": 2, "epochs": 10,
-    "workers": 1, "gpus_per_worker": 0, "backend": "local", "deploy_threshold": 0.4,
+    "source": "synthetic", "images": 1500, "store": "bincount-data", "dataset": "quickstart",
+    "arch": "resnet18", "weights": "none", "freeze": "none", "image_size": 128,
+    "space": "quickstart.yaml", "trials": 2, "parallel_trials": 1, "trial_epochs": 2, "epochs": 15,
+    "workers": 1, "gpus_per_worker": 0, "backend": "local",
 }
 PIPELINE_ROOT = "local_outputs"                 # kfp.local's own default: where each step's artifacts land
 
