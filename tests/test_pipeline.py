@@ -23,6 +23,7 @@ from bincount.kfp.compile import COMPONENTS_DIR, PIPELINE_FILE, compiled, drift
 from bincount.kfp.components import COMPONENTS
 from bincount.kfp.pipeline import bin_counting
 from bincount.train.models import load_exported
+from bincount.tune.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("download", "prepare", "tune", "train", "evaluate", "deploy", "skip-deploy")
@@ -175,10 +176,11 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
         assert (run / "prepare" / "eda_markdown").read_text() == (
             store / "reports" / "quickstart" / "eda" / "report.md").read_text()
 
-        # tuning: two trials in the packaged space, the best one's settings handed to training
+        # tuning: two trials in the quick start's space, the best one's settings handed to training
         best = json.loads((run / "tune" / "best").read_text())
         assert best["experiment"] == "e2e-hpo" and best["objective"]["metric"] == "val_accuracy"
-        assert 1e-3 <= best["parameters"]["lr"] <= 1e-2 and best["parameters"]["batch_size"] in (32, 64, 128, 256)
+        lr, batch_size = load_space("quickstart.yaml").parameters
+        assert lr.min <= best["parameters"]["lr"] <= lr.max and best["parameters"]["batch_size"] in batch_size.values
         assert best["train"]["arch"] == "resnet18" and best["train"]["image_size"] == 64
         assert "e2e-hpo-" in (run / "tune" / "tuning_report").read_text()
         trials = (store / "tuning" / "e2e-hpo" / "trials.csv").read_text().splitlines()
