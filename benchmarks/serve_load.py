@@ -24,7 +24,6 @@ import http.client
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from bincount.processes import free_port
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abid-sample"
 V1_PATH = "/v1/models/bincount:predict"
@@ -120,12 +121,6 @@ def photos(n: int) -> tuple[list[bytes], str]:
 
 def v1_body(*jpegs: bytes) -> bytes:
     return json.dumps({"instances": [{"image": {"b64": base64.b64encode(j).decode()}} for j in jpegs]}).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

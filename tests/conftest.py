@@ -16,6 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from bincount.processes import free_port
+
+# Fixtures shared by some modules: the tiny training dataset (store, cache_dir, one_torch_thread) and the serving
+# tests' connection trap.
+pytest_plugins = ("training_data", "serve_support")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 ABID_SAMPLE = SHARED / "data" / "abid-sample"
@@ -109,12 +115,6 @@ def abid_mirror(s3_server: S3Server, abid_sample: Path) -> AbidMirror:
     put(f"bin-images/{NO_QUANTITY_KEY}.jpg", good_jpeg)
     put(f"metadata/{NO_QUANTITY_KEY}.json", json.dumps({"BIN_FCSKU_DATA": {}}).encode())
     return AbidMirror(s3_server.endpoint, bucket, keys, labels)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout_s: float = 30) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from bincount.processes import free_port
 
 from bincount.config import TRAINER_IMAGE, ClusterConfig
 from bincount.k8s.resources import S3_CREDENTIALS, store_settings

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
-from serve_support import CLASSES, ImageServer, Trap, drawn_jpeg, export_model, png_of_size, real_photos
+from bincount.processes import free_port
+from serve_support import CLASSES, ImageServer, drawn_jpeg, export_model, png_of_size, real_photos
 
 from bincount.config import ServeConfig
 from bincount.errors import BincountError
@@ -86,13 +86,6 @@ def image_server():
     server = ImageServer(PHOTO, big_bytes=3 << 20, slow_s=3.0)
     yield server
     server.close()
-
-
-@pytest.fixture(scope="module")
-def trap():
-    t = Trap()
-    yield t
-    t.close()
 
 
 @pytest.fixture(scope="module")

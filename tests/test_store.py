@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import free_port
+from bincount.processes import free_port
 
 from bincount.store import (
     BucketNotFoundError,

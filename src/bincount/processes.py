@@ -1,8 +1,16 @@
-"""Local child processes (torchrun trials, the ModelServer): how they are stopped."""
+"""Local child processes (torchrun trials, the ModelServer): a port to give them, and how they are stopped."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop(proc: subprocess.Popen, grace_s: float) -> None:

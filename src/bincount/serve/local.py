@@ -13,7 +13,6 @@ import dataclasses
 import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,7 +50,7 @@ def start(cfg: ServeConfig, workdir: Path, timeout_s: float = 180) -> LocalServe
     """The server for `cfg` once its model answers ready; `cfg.port` 0 picks a free port. `workdir` receives
     serve.yaml and serve.log."""
     if cfg.port == 0:
-        cfg = dataclasses.replace(cfg, port=_free_port())
+        cfg = dataclasses.replace(cfg, port=processes.free_port())
     workdir.mkdir(parents=True, exist_ok=True)
     config, log, pid_file = workdir / "serve.yaml", workdir / "serve.log", workdir / "serve.pid"
     _stop_previous(pid_file, config, timeout_s=30)
@@ -109,12 +108,6 @@ def _ready(server: LocalServer) -> bool:
         return False
     finally:
         conn.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _last_line(log: Path) -> str:
