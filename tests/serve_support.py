@@ -11,6 +11,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
@@ -166,3 +167,11 @@ class Trap:
 
     def close(self) -> None:
         self._sock.close()
+
+
+@pytest.fixture(scope="module")
+def trap():
+    """A Trap per test module."""
+    t = Trap()
+    yield t
+    t.close()

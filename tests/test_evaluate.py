@@ -17,7 +17,6 @@ from bincount.train.loop import train
 from bincount.train.models import load_exported
 from bincount.train.presets import eval_transform, to_input
 from training_data import DATASET, make_store, tiny_config
-from training_data import one_torch_thread  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,7 +11,7 @@ import socket
 import time
 
 import pytest
-from serve_support import ImageServer, Trap, drawn_jpeg
+from serve_support import ImageServer, drawn_jpeg
 
 from bincount.config import ServeConfig
 from bincount.errors import ConfigError
@@ -26,13 +26,6 @@ def image_server():
     server = ImageServer(PHOTO, big_bytes=300_000, slow_s=2.0)
     yield server
     server.close()
-
-
-@pytest.fixture(scope="module")
-def trap():
-    t = Trap()
-    yield t
-    t.close()
 
 
 @pytest.fixture

@@ -15,21 +15,10 @@ from bincount.cli import main
 from bincount.store import open_store
 from bincount.train.loop import METRIC_KEYS, checkpoint_key, train, weights_digest
 from bincount.train.models import build_model, head_name
-from training_data import one_torch_thread  # noqa: F401  (a fixture)
 from training_data import (DATASET, KATIB_METRIC, make_store, metric_lines, subprocess_env, tiny_args, tiny_config,
                            train_command)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return make_store(tmp_path_factory.mktemp("store"))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("image-cache")
 
 
 def _load(store: str, key: str):

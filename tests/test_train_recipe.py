@@ -17,21 +17,10 @@ from bincount.config import TrainConfig
 from bincount.errors import ConfigError
 from bincount.train.loop import checkpoint_key, class_weights, seed_everything, train
 from bincount.train.models import build_model
-from training_data import DATASET, make_store, tiny_args, tiny_config
-from training_data import one_torch_thread  # noqa: F401  (a fixture)
+from training_data import DATASET, tiny_args, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FAST = dict(freeze="backbone", feature_cache=True)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return make_store(tmp_path_factory.mktemp("store"))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("image-cache")
 
 
 def _ckpt(store: str, run: str) -> dict:

@@ -22,6 +22,17 @@ TINY = dict(dataset=DATASET, weights="none", image_size=48, cache_size=64, epoch
 
 
 @pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A tiny dataset per test module."""
+    return make_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("image-cache")
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """In-process training on one thread: on a shared small machine two threads that wait for each other's
     core make a step many times slower (subprocesses get OMP_NUM_THREADS=1 for the same reason)."""
