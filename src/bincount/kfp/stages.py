@@ -30,6 +30,7 @@ import yaml
 from bincount.config import (DownloadConfig, EdaConfig, EvaluateConfig, JobResources, PrepareConfig, ServeConfig,
                              ServeJob, SyntheticConfig, TrainConfig, TrainJob, TuneJob, from_dict, to_dict)
 from bincount.errors import BincountError, ConfigError
+from bincount.store import Store, open_store
 
 STAGE_ERRORS_ENV = "BINCOUNT_STAGE_ERRORS"
 SOURCES = ("abid", "synthetic")
@@ -72,19 +73,16 @@ def _store(artifact: Any) -> str:
     return artifact.metadata["store"]
 
 
-def _fetch(store_uri: str, key: str, path: str | Path) -> None:
-    """A store object → a file of an artifact."""
-    from bincount.store import open_store
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(open_store(store_uri).get(key))
+def _fetch(store: Store, files: dict[Path, str]) -> None:
+    """Store objects → files of artifacts (path → key), all through one store client."""
+    for path, key in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(store.get(key))
 
 
 @stage
 def download(source: str, store: str, images: int, file_list: str, source_endpoint: str, source_bucket: str,
              seed: int, raw: Any) -> None:
-    from bincount.store import open_store
-
     if source == "synthetic":
         from bincount.data.synthetic import generate
 
@@ -124,12 +122,13 @@ def prepare(raw: Any, name: str, balance: str, split: str, seed: int, splits: An
     print(result.summary(), flush=True)
     report = build_report(EdaConfig(store=store, name=name))
     print(report.summary(), flush=True)
-    for file in [f"{s}.jsonl" for s in SPLITS] + ["stats.json"]:
-        _fetch(store, dataset_key(name, file), Path(splits.path) / file)
+    source = open_store(store)
+    _fetch(source, {Path(splits.path) / file: dataset_key(name, file)
+                    for file in [f"{s}.jsonl" for s in SPLITS] + ["stats.json"]})
     sizes = {s: sum(result.stats["counts"]["splits"][s].values()) for s in SPLITS}
     splits.metadata.update({"store": store, "dataset": name, "uri": result.uri, **sizes})
-    _fetch(store, f"{report_prefix(name)}/report.html", eda_html.path)
-    _fetch(store, f"{report_prefix(name)}/report.md", eda_markdown.path)
+    _fetch(source, {Path(eda_html.path): f"{report_prefix(name)}/report.html",
+                    Path(eda_markdown.path): f"{report_prefix(name)}/report.md"})
     eda_html.metadata["uri"] = report.uri
 
 
@@ -148,6 +147,7 @@ def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, arch
          image_size: int, trial_epochs: int, trials: int, parallel_trials: int, workers: int, gpus_per_worker: int,
          procs_per_worker: int, best: Any, tuning_report: Any) -> None:
     from bincount.backends import get_backend
+    from bincount.tune.results import best_json
 
     experiment = f"{run_id(run_name, job_id)}-hpo"
     trial = {"arch": arch, "weights": weights, "freeze": freeze, "image_size": image_size, "epochs": trial_epochs,
@@ -162,8 +162,6 @@ def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, arch
     print(result.table(), flush=True)
     if result.best is None:
         raise BincountError(f"experiment {experiment}: no trial succeeded; trials in {result.location}/trials.csv")
-    from bincount.tune.results import best_json
-
     chosen = best_json(result)
     Path(best.path).write_text(json.dumps(chosen, indent=2) + "\n")
     best.metadata.update({"experiment": experiment, "location": result.location, **chosen["parameters"],
@@ -178,7 +176,6 @@ def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, arch
 def train(splits: Any, best: Any, backend: str, run_name: str, job_id: str, epochs: int, workers: int,
           gpus_per_worker: int, procs_per_worker: int, model: Any, metrics: Any) -> None:
     from bincount.backends import get_backend
-    from bincount.store import open_store
     from bincount.train.models import META_FILE, MODEL_FILE
 
     run = run_id(run_name, job_id)
@@ -187,8 +184,7 @@ def train(splits: Any, best: Any, backend: str, run_name: str, job_id: str, epoc
     cfg = from_dict(TrainConfig, {**settings, "store": store, "dataset": splits.metadata["dataset"], "run": run,
                                   "epochs": epochs}, "train")
     outcome = get_backend(backend).train(TrainJob(cfg, job_resources(workers, gpus_per_worker, procs_per_worker)))
-    for file in (MODEL_FILE, META_FILE):
-        _fetch(outcome.model, file, Path(model.path) / file)
+    _fetch(open_store(outcome.model), {Path(model.path) / file: file for file in (MODEL_FILE, META_FILE)})
     meta = json.loads((Path(model.path) / META_FILE).read_text())
     model.metadata.update({"store_uri": outcome.model, "run": run, "arch": meta["arch"],
                            "input_size": meta["input_size"], "best_epoch": meta["best_epoch"],
@@ -200,7 +196,6 @@ def train(splits: Any, best: Any, backend: str, run_name: str, job_id: str, epoc
 @stage
 def evaluate(splits: Any, model: Any, test_metrics: Any, confusion_matrix: Any, evaluation_report: Any) -> float:
     from bincount.evaluate import evaluate as run_evaluation, report_prefix
-    from bincount.store import open_store
 
     store = _store(splits)
     run = model.metadata["run"]
