@@ -48,13 +48,12 @@ def baseline_server(model_dir: str, port: int) -> None:
     from PIL import Image
     from torchvision import transforms
 
-    from bincount.train.models import load_exported
+    from bincount.model.exported import ExportedModel
 
-    model, meta = load_exported(model_dir)
-    classes = meta["classes"]
-    size = meta["input_size"]
-    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                                    transforms.Normalize(meta["mean"], meta["std"])])
+    exported = ExportedModel.load(model_dir)
+    model, classes, pre = exported.net, exported.classes, exported.preprocessing
+    transform = transforms.Compose([transforms.Resize((pre.size, pre.size)), transforms.ToTensor(),
+                                    transforms.Normalize(pre.mean, pre.std)])
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -92,14 +91,13 @@ def baseline_server(model_dir: str, port: int) -> None:
 # ---- model, photos, servers
 
 def export_model(root: Path) -> str:
+    from bincount.model.exported import ExportedModel, Inference, Preprocessing
+    from bincount.model.zoo import IMAGENET_MEAN, IMAGENET_STD, build_model
     from bincount.store import open_store
-    from bincount.train.models import build_model, save_exported
-    from bincount.train.presets import IMAGENET_MEAN, IMAGENET_STD
 
     model, _ = build_model("resnet18", 5, "none")
-    meta = {"arch": "resnet18", "classes": [1, 2, 3, 4, 5], "input_size": 224, "resize": "stretch",
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    save_exported(open_store(str(root)), "models/bench", model.eval(), meta)
+    ExportedModel(model, "resnet18", [1, 2, 3, 4, 5], Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD),
+                  Inference()).save(open_store(str(root)), "models/bench")
     return str(root / "models" / "bench")
 
 

@@ -50,7 +50,7 @@ def main() -> int:
         start = time.perf_counter()
         result = train(TrainConfig(
             store=store, dataset="learning", run=f"learning-{args.epochs}ep", arch="resnet18", weights="none",
-            image_size=128, cache_size=128, augment=args.augment, epochs=args.epochs, batch_size=args.batch_size,
+            image_size=128, augment=args.augment, epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, schedule=args.schedule, warmup_epochs=max(1.0, args.epochs / 10),
             weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, precision=args.precision,
             seed=args.seed, cache_dir=str(Path(tmp) / "cache")))

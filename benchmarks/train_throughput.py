@@ -31,10 +31,12 @@ from bincount.config import PrepareConfig, TrainConfig
 from bincount.data.dataset import BinImages, ImageCache, Item
 from bincount.data.prepare import prepare
 from bincount.store import open_store
+from bincount.devices import pick_device
+from bincount.model.exported import Preprocessing
+from bincount.model.zoo import IMAGENET_MEAN, IMAGENET_STD, build_model
 from bincount.train import presets
+from bincount.train.distributed import Dist
 from bincount.train.loop import resolve, train
-from bincount.train.distributed import Dist, pick_device
-from bincount.train.models import build_model
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abid-sample"
 
@@ -45,7 +47,7 @@ class SeedStyleImages(Dataset):
     def __init__(self, paths: list[Path], labels: list[int], size: int):
         self.paths, self.labels = paths, labels
         self.transform = T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip(), T.ToTensor(),
-                                    T.Normalize(presets.IMAGENET_MEAN, presets.IMAGENET_STD)])
+                                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -106,7 +108,8 @@ def train_flops_per_image(arch: str, size: int) -> float:
 def fine_tune(args, store: str, items: list[Item], tmp: Path, device: torch.device, precision: str) -> list[dict]:
     rows = []
     labels = [item.label - 1 for item in items]
-    cache = ImageCache(open_store(store), tmp / "cache", 256)
+    cache = ImageCache(open_store(store), tmp / "cache", 224)
+    preprocessing = Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD)
     start = time.perf_counter()
     cache.fill([item.key for item in items], 16)
     fill_s = time.perf_counter() - start
@@ -115,7 +118,7 @@ def fine_tune(args, store: str, items: list[Item], tmp: Path, device: torch.devi
     for arch in args.archs.split(","):
         seed = SeedStyleImages([Path(store) / "raw/bin-images" / f"{item.key}.jpg" for item in items] * reps,
                                labels * reps, 224)
-        ours = BinImages(items * reps, cache, presets.train_transform(224, "counting"), range(1, 6))
+        ours = BinImages(items * reps, cache, range(1, 6), presets.train_transform("counting"))
         common = dict(batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                       pin_memory=device.type == "cuda", drop_last=True)
         base = fast = 0.0
@@ -123,7 +126,8 @@ def fine_tune(args, store: str, items: list[Item], tmp: Path, device: torch.devi
             base = max(base, images_per_second(arch, DataLoader(seed, **common), lambda x: x.to(device), "fp32",
                                                False, device, args.steps))
             fast = max(fast, images_per_second(arch, DataLoader(ours, **common),
-                                               lambda x: presets.to_input(x, device, channels_last=True), precision,
+                                               lambda x: preprocessing.normalize(x, device, channels_last=True),
+                                               precision,
                                                True, device, args.steps))
         row = {"arch": arch, "seed_style_img_s": round(base, 2), "ours_img_s": round(fast, 2),
                "ratio": round(fast / base, 2), "precision": precision, "cache_fill_s": round(fill_s, 2)}
@@ -139,7 +143,7 @@ def frozen(args, store: str, tmp: Path) -> dict:
     common = dict(store=store, dataset="sample", arch=args.frozen_arch, weights="none", freeze="backbone",
                   image_size=224, epochs=3, batch_size=args.batch_size, seed=0, device=args.device)
     start = time.perf_counter()
-    train(TrainConfig(run="seed-style", feature_cache=False, precision="fp32", channels_last=False, cache_size=0,
+    train(TrainConfig(run="seed-style", feature_cache=False, precision="fp32", channels_last=False,
                       augment="flip", cache_dir=str(tmp / "frozen-seed"), **common))
     base = time.perf_counter() - start
     start = time.perf_counter()

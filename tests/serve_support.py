@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from bincount.model.exported import ExportedModel, Inference, Preprocessing
+from bincount.model.zoo import IMAGENET_MEAN, IMAGENET_STD, build_model, head
 from bincount.store import open_store
-from bincount.train.models import build_model, head, save_exported
-from bincount.train.presets import IMAGENET_MEAN, IMAGENET_STD
 
 CLASSES = [1, 2, 3, 4, 5]
 INPUT_SIZE = 64
@@ -49,18 +49,16 @@ def real_photos(sample: Path, per_class: int) -> list[tuple[bytes, int]]:
     return out
 
 
-def export_model(root: str | Path, photos: list[tuple[bytes, int]]) -> str:
+def export_model(root: str | Path, photos: list[tuple[bytes, int]], inference: Inference = Inference()) -> str:
     """resnet18 at INPUT_SIZE px with its head trained on `photos` (so its answers are decisive, not
     coin flips), exported as model.pt + model.json the way the trainer exports, under `root` (a directory or
     store URI); returns where."""
-    from bincount.serve.images import decode_image
-
     torch.manual_seed(0)
     model, _ = build_model("resnet18", len(CLASSES), "none")
     model.eval()
+    preprocessing = Preprocessing(INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD)
     if photos:
-        x = torch.stack([decode_image(data, INPUT_SIZE, 10**8, "photo") for data, _ in photos]).float() / 255
-        x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        x = preprocessing.normalize(torch.stack([preprocessing.read(data) for data, _ in photos]), torch.device("cpu"))
         fc = head(model)
         model.fc = torch.nn.Identity()
         with torch.no_grad():
@@ -73,9 +71,8 @@ def export_model(root: str | Path, photos: list[tuple[bytes, int]]) -> str:
         with torch.no_grad():
             fc.weight.copy_(solution[:-1].T)
             fc.bias.copy_(solution[-1])
-    meta = {"arch": "resnet18", "classes": CLASSES, "input_size": INPUT_SIZE, "resize": "stretch",
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "best_epoch": 1, "metrics": {}, "config": {}}
-    save_exported(open_store(str(root)), "models/test", model, meta)
+    ExportedModel(model, "resnet18", CLASSES, preprocessing, inference,
+                  {"best_epoch": 1, "metrics": {}, "config": {}}).save(open_store(str(root)), "models/test")
     return f"{root}/models/test"
 
 

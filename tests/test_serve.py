@@ -22,11 +22,11 @@ from bincount.processes import free_port
 from serve_support import CLASSES, ImageServer, drawn_jpeg, export_model, png_of_size, real_photos
 
 from bincount.config import ServeConfig
+from bincount.devices import inference_precision
 from bincount.errors import BincountError
-from bincount.serve.images import decode_image
+from bincount.model.exported import ExportedModel
 from bincount.serve.local import start
-from bincount.serve.predictor import BinCountModel, resolve_precision
-from bincount.train.models import load_exported
+from bincount.serve.predictor import BinCountModel
 
 MAX_BATCH = 8
 MAX_BODY = 1 << 20
@@ -150,20 +150,20 @@ def test_starting_again_in_the_same_workdir_replaces_the_server(tmp_path):
 @pytest.fixture(scope="module")
 def offline(server):
     """The exported model as loaded for evaluation, run plainly in fp32 in this process on the same pixels."""
-    model, meta = load_exported(server.model_dir)
-    mean, std = torch.tensor(meta["mean"]).view(1, 3, 1, 1), torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    model = ExportedModel.load(server.model_dir)
+    pre = model.preprocessing
 
     def predict(datas: list[bytes]) -> torch.Tensor:
-        x = torch.stack([decode_image(d, meta["input_size"], MAX_PIXELS, "x") for d in datas]).float() / 255
+        x = pre.normalize(torch.stack([pre.read(d, MAX_PIXELS) for d in datas]), torch.device("cpu"))
         with torch.no_grad():
-            return model((x - mean) / std).softmax(1)
+            return model.net(x).softmax(1)
 
     return predict
 
 
 def tolerance() -> float:
     """The server runs at its default precision: bf16 where the CPU computes it natively, else fp32."""
-    return 0.05 if resolve_precision("auto", torch.device("cpu")) == "bf16" else 1e-4
+    return 0.05 if inference_precision("auto", torch.device("cpu")) == "bf16" else 1e-4
 
 
 def v1_probabilities(prediction: dict) -> list[float]:
@@ -278,7 +278,7 @@ BAD_INPUTS = {
     "truncated JPEG": (lambda s: s.v1([image(PHOTO[: len(PHOTO) // 2])]), 400, "truncated or corrupt"),
     "corrupt JPEG header": (lambda s: s.v1([image(PHOTO[:200])]), 400, "truncated or corrupt"),
     "empty image": (lambda s: s.v1([{"image": {"b64": ""}}]), 400, "empty"),
-    "over the pixel cap": (lambda s: s.v1([image(png_of_size(2500, 2000))]), 413, "over this server's limit"),
+    "over the pixel cap": (lambda s: s.v1([image(png_of_size(2500, 2000))]), 413, "over the limit of 4.0 Mpx"),
     "decompression bomb": (lambda s: s.v1([image(png_of_size(20000, 20000))]), 413, "decompression bomb"),
     "oversized body": (lambda s: s.v1([image(b"\xff" * MAX_BODY)]), 413, "request body"),
     "oversized chunked body": (lambda s: s.v1([image(b"\xff" * MAX_BODY)], chunked=True), 413, "request body"),

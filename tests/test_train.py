@@ -14,7 +14,8 @@ import torch
 from bincount.cli import main
 from bincount.store import open_store
 from bincount.train.loop import METRIC_KEYS, checkpoint_key, train, weights_digest
-from bincount.train.models import build_model, head_name
+from bincount.train.losses import CountLoss
+from bincount.model.zoo import build_model, head_name
 from training_data import (DATASET, KATIB_METRIC, make_store, metric_lines, subprocess_env, tiny_args, tiny_config,
                            train_command)
 
@@ -55,7 +56,10 @@ def test_torchrun_two_processes_learn_in_lockstep_and_print_katib_metric_lines(s
     assert digests[0] == weights_digest(_load(store, checkpoint_key("ddp"))["net"])
 
     meta = json.loads(open_store(store).get_text("models/ddp/model.json"))
-    assert meta["arch"] == "resnet18" and meta["classes"] == [1, 2, 3, 4, 5] and meta["input_size"] == 48
+    assert meta["arch"] == "resnet18" and meta["classes"] == [1, 2, 3, 4, 5]
+    assert meta["preprocessing"] == {"size": 48, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                     "resize": "stretch"}
+    assert meta["inference"] == {"tta": "none", "temperature": 1.0, "decode": "argmax"}
     assert meta["metrics"]["val_accuracy"] == max(m["val_accuracy"] for m in metrics)
     assert meta["config"]["run"] == "ddp" and meta["config"]["lr"] == 0.002
     model, _ = build_model("resnet18", 5, "none")
@@ -178,7 +182,7 @@ def test_nan_loss_stops_with_a_clear_error_and_leaves_the_checkpoint_untouched(s
             checkpoint_key("nan-later", "metrics.jsonl"), "models/nan-later/model.pt"]
     before = {k: s.get(k) for k in keys}
     # Fault injection: from now on every loss is NaN, as after a divergence in epoch 2.
-    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", lambda self, x, y: x.sum() * float("nan"))
+    monkeypatch.setattr(CountLoss, "forward", lambda self, x, y: x.sum() * float("nan"))
     code, errors = _cli(capsys, *tiny_args(store, cache_dir, epochs=2), "--run", "nan-later")
     assert code == 1 and len(errors) == 1 and "loss became nan at epoch 2, step 1" in errors[0]
     assert {k: s.get(k) for k in keys} == before

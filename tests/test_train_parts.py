@@ -16,43 +16,46 @@ from bincount.config import TrainConfig, load_config
 from bincount.data.dataset import BinImages, DataError, ImageCache, Item, load_split
 from bincount.errors import ConfigError
 from bincount.store import open_store
-from bincount.train import models, presets, report
+from bincount.model import zoo
+from bincount.model.exported import Preprocessing
+from bincount.model.preprocess import read_image
+from bincount.train import freeze, presets, report
 from bincount.train.loop import make_optimizer, make_scheduler, metric_line, validate
 from training_data import KATIB_METRIC
 
 
 def test_unknown_architecture_lists_the_valid_ones():
     with pytest.raises(ConfigError) as e:
-        models.build_model("resnet19", 5)
+        zoo.build_model("resnet19", 5)
     for name in ("resnet18", "resnet50", "resnext50_32x4d", "resnext101_32x8d", "efficientnet_b0",
                  "convnext_tiny", "mobilenet_v3_large"):
         assert name in str(e.value)
-    assert "squeezenet1_0" not in models.architectures()
+    assert "squeezenet1_0" not in zoo.architectures()
 
 
 @pytest.mark.parametrize("arch, head", [("resnet18", "fc"), ("efficientnet_b0", "classifier.1"),
                                         ("mobilenet_v3_large", "classifier.3"), ("convnext_tiny", "classifier.2")])
 def test_new_five_class_head_replaces_the_last_linear(arch, head):
-    model, weights_id = models.build_model(arch, 5, "none")
-    assert weights_id == "none" and models.head_name(model) == head
+    model, weights_id = zoo.build_model(arch, 5, "none")
+    assert weights_id == "none" and zoo.head_name(model) == head
     assert model.get_submodule(head).out_features == 5
     assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
 
 
 def test_freeze_policies():
-    model, _ = models.build_model("resnet18", 5, "none")
-    models.apply_freeze(model, "backbone")
+    model, _ = zoo.build_model("resnet18", 5, "none")
+    freeze.apply_freeze(model, "backbone")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
-    models.train_mode(model)
+    freeze.train_mode(model)
     assert model.training and model.fc.training and not model.layer1.training and not model.bn1.training
 
-    model, _ = models.build_model("resnet18", 5, "none")
-    models.apply_freeze(model, "layer2")
+    model, _ = zoo.build_model("resnet18", 5, "none")
+    freeze.apply_freeze(model, "layer2")
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"layer3", "layer4", "fc"}
 
     with pytest.raises(ConfigError) as e:
-        models.apply_freeze(model, "layer9")
+        freeze.apply_freeze(model, "layer9")
     assert "layer9" in str(e.value) and "layer3" in str(e.value) and "fc" not in str(e.value).split("stage:")[1]
 
 
@@ -63,39 +66,39 @@ def test_weights_from_a_file_keep_the_backbone_and_reinitialize_a_foreign_head(t
     imagenet = resnet18()                       # a 1000-class state dict, as torchvision's weights are
     path = tmp_path / "imagenet.pt"
     torch.save(imagenet.state_dict(), path)
-    model, weights_id = models.build_model("resnet18", 5, str(path))
+    model, weights_id = zoo.build_model("resnet18", 5, str(path))
     assert weights_id.startswith("sha256-")
     assert torch.equal(model.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
     assert model.fc.out_features == 5
 
     torch.save({"model": model.state_dict()}, path)          # a checkpoint with the 5-class head: loaded whole
-    again, _ = models.build_model("resnet18", 5, str(path))
+    again, _ = zoo.build_model("resnet18", 5, str(path))
     assert torch.equal(again.fc.weight, model.fc.weight)
 
     with pytest.raises(ConfigError, match="do not fit resnet50"):
-        models.build_model("resnet50", 5, str(path))
+        zoo.build_model("resnet50", 5, str(path))
     with pytest.raises(ConfigError, match="cannot read weights file"):
-        models.build_model("resnet18", 5, str(tmp_path / "nothing.pt"))
+        zoo.build_model("resnet18", 5, str(tmp_path / "nothing.pt"))
     with pytest.raises(ConfigError, match="unknown weights 'IMAGENET9K'.*IMAGENET1K_V1"):
-        models.build_model("resnet18", 5, "IMAGENET9K")
+        zoo.build_model("resnet18", 5, "IMAGENET9K")
 
 
 def test_weights_from_s3(s3_env):
     bucket = s3_env.new_bucket("weights")
     torch.manual_seed(1)
-    model, _ = models.build_model("resnet18", 5, "none")
+    model, _ = zoo.build_model("resnet18", 5, "none")
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     open_store(f"s3://{bucket}").put("runs/a/model.pt", buf.getvalue())
-    loaded, weights_id = models.build_model("resnet18", 5, f"s3://{bucket}/runs/a/model.pt")
+    loaded, weights_id = zoo.build_model("resnet18", 5, f"s3://{bucket}/runs/a/model.pt")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     with pytest.raises(ConfigError, match="do not exist"):
-        models.build_model("resnet18", 5, f"s3://{bucket}/runs/b/model.pt")
+        zoo.build_model("resnet18", 5, f"s3://{bucket}/runs/b/model.pt")
 
 
 def _lrs(schedule: str, epochs=4, steps=10, warmup=1.0) -> list[float]:
     cfg = TrainConfig(store="s", dataset="d", run="r", lr=0.1, epochs=epochs, schedule=schedule, warmup_epochs=warmup)
-    opt = make_optimizer(torch.nn.Linear(2, 2), cfg)
+    opt = make_optimizer(torch.nn.Linear(2, 2), cfg, "")
     sched = make_scheduler(opt, cfg, steps)
     out = []
     for _ in range(epochs * steps):
@@ -113,25 +116,33 @@ def test_schedules():
     assert _lrs("constant")[10:] == pytest.approx([0.1] * 30)
     onecycle = _lrs("onecycle")
     assert max(onecycle) == pytest.approx(0.1, rel=1e-3) and onecycle[0] < 0.01 and onecycle[-1] < 1e-4
+    # a warmup as long as the whole run (a one-epoch trial of the quickstart recipe) still schedules
+    assert max(_lrs("onecycle", epochs=1, steps=3, warmup=1.0)) == pytest.approx(0.1, rel=1e-3)
+    assert _lrs("onecycle", epochs=1, steps=2, warmup=1.0) == pytest.approx([0.05, 0.1])  # linear warmup
 
 
-def test_weight_decay_skips_biases_and_norms():
-    model, _ = models.build_model("resnet18", 5, "none")
-    opt = make_optimizer(model, TrainConfig(store="s", dataset="d", run="r", weight_decay=0.05))
-    decayed, plain = opt.param_groups
-    assert decayed["weight_decay"] == 0.05 and all(p.ndim > 1 for p in decayed["params"])
-    assert plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in plain["params"])
+def test_weight_decay_skips_biases_and_norms_and_the_backbone_learns_at_its_scale():
+    model, _ = zoo.build_model("resnet18", 5, "none")
+    cfg = TrainConfig(store="s", dataset="d", run="r", weight_decay=0.05, lr=0.01, backbone_lr_scale=0.1)
+    groups = make_optimizer(model, cfg, "fc.").param_groups
+    head = [p for g in groups[:2] for p in g["params"]]
+    assert {id(p) for p in head} == {id(model.fc.weight), id(model.fc.bias)}
+    assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.01, 0.001, 0.001])
+    for group in groups:
+        decayed = group["weight_decay"] == 0.05
+        assert decayed or group["weight_decay"] == 0.0
+        assert all((p.ndim > 1) == decayed for p in group["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 def test_config_checks_collect_every_problem(tmp_path):
     path = tmp_path / "train.yaml"
-    path.write_text("store: s\ndataset: d\nrun: r\nprecision: fp8\ncache_size: 100\nimage_size: 224\n"
+    path.write_text("store: s\ndataset: d\nrun: r\nprecision: fp8\nloss: hinge\ntta: d4\nimage_size: 224\n"
                     "class_weights: [1, 2]\n")
     cfg = load_config(TrainConfig, path, {"optimizer": "lamb"})
     with pytest.raises(ConfigError) as e:
         validate(cfg)
-    for part in ("precision 'fp8'", "optimizer 'lamb'", "cache_size 100 is below image_size 224",
-                 "class_weights needs 5"):
+    for part in ("precision 'fp8'", "optimizer 'lamb'", "loss 'hinge'", "tta 'd4'", "class_weights needs 5"):
         assert part in str(e.value)
     assert load_config(TrainConfig, None, {"store": "s", "dataset": "d", "run": "r",
                                            "class_weights": "1,1,2,1,1"}).class_weights == [1, 1, 2, 1, 1]
@@ -144,9 +155,10 @@ def test_metric_line_is_read_whole_by_katibs_regex_after_its_time():
     fails), and the regex must take no pair from it."""
     before = datetime.now(timezone.utc)
     line = metric_line({"epoch": 3, "train_loss": 1.21, "train_accuracy": 0.5, "val_loss": 1.3,
-                        "val_accuracy": 0.41, "val_mae": 0.7, "lr": 4e-05})
+                        "val_accuracy": 0.41, "val_balanced_accuracy": 0.4, "val_mae": 0.7, "lr": 4e-05})
     stamp, pairs = line.split(" ", 1)
-    assert pairs == "epoch=3 train_loss=1.21 train_accuracy=0.5 val_loss=1.3 val_accuracy=0.41 val_mae=0.7 lr=4e-05"
+    assert pairs == ("epoch=3 train_loss=1.21 train_accuracy=0.5 val_loss=1.3 val_accuracy=0.41 "
+                     "val_balanced_accuracy=0.4 val_mae=0.7 lr=4e-05")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
     assert before <= datetime.fromisoformat(stamp.replace("Z", "+00:00")) <= datetime.now(timezone.utc)
     assert [f"{name}={value}" for name, value, *_ in KATIB_METRIC.findall(line)] == pairs.split()
@@ -170,19 +182,18 @@ def test_manifest_problems_are_named(tmp_path):
     assert load_split(store, "d", "train", (1, 2, 3, 4, 5)) == [Item("00221", 2), Item("221", 3)]
 
 
-def test_image_cache_shrinks_large_images_keeps_small_ones_and_reports_bad_ones(tmp_path):
+def test_image_cache_keeps_the_models_input_squares_and_reports_bad_images(tmp_path):
     store = open_store(str(tmp_path / "store"))
-    small, large = _jpeg((60, 50)), _jpeg((400, 300))
+    small, large = _jpeg((60, 50), (20, 200, 20)), _jpeg((400, 300))
     store.put("raw/bin-images/221.jpg", large)
     store.put("raw/bin-images/00221.jpg", small)
-    cache = ImageCache(store, tmp_path / "cache", 96)
+    cache = ImageCache(store, tmp_path / "cache", 32)
     assert cache.fill(["221", "00221"], 4) == 2 and cache.fill(["221", "00221"], 4) == 0
-    assert Image.open(cache.path("221")).size == (128, 96)
-    assert cache.path("00221").read_bytes() == small
-    images = BinImages([Item("221", 3), Item("00221", 1)], cache, presets.eval_transform(32), (1, 2, 3, 4, 5))
-    x, y = images[0]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == 2
-    assert abs(int(x[0, 16, 16]) - 200) < 8
+    images = BinImages([Item("221", 3), Item("00221", 1)], cache, (1, 2, 3, 4, 5))
+    (x, y), (x2, y2) = images[0], images[1]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and (y, y2) == (2, 0)
+    assert torch.equal(x, read_image(large, 32)) and torch.equal(x2, read_image(small, 32))  # one preprocessing
+    assert abs(int(x[0, 16, 16]) - 200) < 8 and abs(int(x2[1, 16, 16]) - 200) < 8
 
     store.put("raw/bin-images/bad.jpg", large[:100])
     with pytest.raises(DataError) as e:
@@ -191,13 +202,15 @@ def test_image_cache_shrinks_large_images_keeps_small_ones_and_reports_bad_ones(
     assert "raw/bin-images/bad.jpg" in str(e.value)
 
 
-def test_train_transform_keeps_size_and_to_input_normalizes():
-    image = torch.full((3, 70, 90), 128, dtype=torch.uint8)
+def test_train_transform_keeps_the_square_and_the_model_normalizes():
+    image = torch.full((3, 48, 48), 128, dtype=torch.uint8)
     for augment in presets.AUGMENTS:
-        assert presets.train_transform(48, augment)(image).shape == (3, 48, 48)
-    x = presets.to_input(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8), torch.device("cpu"), channels_last=True)
+        assert presets.train_transform(augment)(image).shape == (3, 48, 48)
+    preprocessing = Preprocessing(48, zoo.IMAGENET_MEAN, zoo.IMAGENET_STD)
+    x = preprocessing.normalize(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8), torch.device("cpu"),
+                                channels_last=True)
     assert x.is_contiguous(memory_format=torch.channels_last)
-    expected = [(1 - m) / s for m, s in zip(presets.IMAGENET_MEAN, presets.IMAGENET_STD)]
+    expected = [(1 - m) / s for m, s in zip(zoo.IMAGENET_MEAN, zoo.IMAGENET_STD)]
     assert x[0, :, 0, 0].tolist() == pytest.approx(expected)
 
 
@@ -210,7 +223,7 @@ def test_counting_augment_only_flips_turns_and_recolours():
     variants = [torch.rot90(m, k) for m in (items, items.flip(1)) for k in range(4)]
     torch.manual_seed(0)
     seen, colours = set(), set()
-    transform = presets.train_transform(32, "counting")
+    transform = presets.train_transform("counting")
     for _ in range(64):
         out = transform(image)
         mask = out.float().mean(0) < 128

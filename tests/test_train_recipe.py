@@ -16,7 +16,7 @@ from bincount.store import open_store
 from bincount.config import TrainConfig
 from bincount.errors import ConfigError
 from bincount.train.loop import checkpoint_key, class_weights, seed_everything, train
-from bincount.train.models import build_model
+from bincount.model.zoo import build_model
 from training_data import DATASET, tiny_args, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -31,13 +31,14 @@ def condition(kind: str, message: str = "", status: str = "True") -> dict:
 
 
 def metrics(accuracy: float, loss: float) -> dict:
-    return {"metrics": [{"name": "val_accuracy", "min": "0.2", "max": str(accuracy), "latest": str(accuracy - 0.01)},
+    return {"metrics": [{"name": "val_balanced_accuracy", "min": "0.2", "max": str(accuracy), "latest": str(accuracy - 0.01)},
                         {"name": "val_loss", "min": str(loss), "max": "1.6", "latest": str(loss)},
                         {"name": "train_loss", "min": "unavailable", "max": "unavailable", "latest": "unavailable"}]}
 
 
 def assignments(lr: str, batch: str) -> list[dict]:
-    return [{"name": "lr", "value": lr}, {"name": "batch_size", "value": batch}]
+    return [{"name": "lr", "value": lr}, {"name": "batch_size", "value": batch},
+            {"name": "arch", "value": "efficientnet_lite1"}]
 
 
 def trial(name: str, state: str, lr: str, batch: str, accuracy: float | None = None, message: str = "") -> dict:
@@ -53,9 +54,9 @@ def trial(name: str, state: str, lr: str, batch: str, accuracy: float | None = N
 
 
 TRIALS = [trial(BEST, "Succeeded", "0.0031", "64", 0.61),
-          trial(f"{NAME}-a81kd0qe", "Succeeded", "0.0012", "256", 0.48),
+          trial(f"{NAME}-a81kd0qe", "Succeeded", "0.0012", "32", 0.48),
           trial(f"{NAME}-ppq2m7wx", "EarlyStopped", "0.0094", "32", 0.22, "Trial is early stopped"),
-          trial(f"{NAME}-zz1nb6cu", "Failed", "0.0055", "128", None, "Trial has failed: OOMKilled")]
+          trial(f"{NAME}-zz1nb6cu", "Failed", "0.0055", "64", None, "Trial has failed: OOMKilled")]
 RUNNING = {"conditions": [condition("Created"), condition("Running", "Experiment is running")],
            "trials": 2, "trialsRunning": 2, "startTime": "2026-01-01T00:00:00Z"}
 SUCCEEDED = {"conditions": [condition("Created"), condition("Running", status="False"),
@@ -103,16 +104,18 @@ def test_experiment_is_created_followed_to_success_and_its_best_trial_written(ap
     assert api.created == [load_space().render(NAME, store, "abid")]
     experiment_lines = [line for line in lines if line.startswith("Experiment ")]
     assert [line.split(": ", 1)[1].split(";")[0] for line in experiment_lines] == ["Created", "Running", "Succeeded"]
-    assert f"trial {BEST}: succeeded val_accuracy=0.61 [lr=0.0031, batch_size=64]" in lines
+    assert (f"trial {BEST}: succeeded val_balanced_accuracy=0.61 [lr=0.0031, batch_size=64, arch=efficientnet_lite1]"
+            in lines)
     assert any("early-stopped" in line and "Trial is early stopped" in line for line in lines)
-    assert result.best.name == BEST and result.best.parameters == {"lr": 0.0031, "batch_size": 64}
-    assert result.best.value == 0.61 and result.best.metrics == {"val_accuracy": 0.6, "val_loss": 1.0}
+    assert result.best.name == BEST
+    assert result.best.parameters == {"lr": 0.0031, "batch_size": 64, "arch": "efficientnet_lite1"}
+    assert result.best.value == 0.61 and result.best.metrics == {"val_balanced_accuracy": 0.6, "val_loss": 1.0}
 
     s3 = open_store(store)
     best = json.loads(s3.get_text(f"tuning/{NAME}/best.json"))
     assert best["backend"] == "kubernetes" and best["trial"] == BEST
-    assert best["objective"] == {"metric": "val_accuracy", "goal": "maximize", "value": 0.61}
-    assert best["train"] == {**load_space().trial, "lr": 0.0031, "batch_size": 64}
+    assert best["objective"] == {"metric": "val_balanced_accuracy", "goal": "maximize", "value": 0.61}
+    assert best["train"] == {**load_space().trial, "lr": 0.0031, "batch_size": 64, "arch": "efficientnet_lite1"}
     rows = {r["trial"]: r for r in csv.DictReader(io.StringIO(s3.get_text(f"tuning/{NAME}/trials.csv")))}
     assert {name: r["state"] for name, r in rows.items()} == {
         BEST: "succeeded", f"{NAME}-a81kd0qe": "succeeded", f"{NAME}-ppq2m7wx": "early-stopped",
@@ -189,4 +192,4 @@ def test_cli_runs_the_kubernetes_backend_from_a_kubeconfig(api, store, tmp_path,
         api.add(obj)
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[1].startswith(f"{BEST} *") and f"best {BEST} with val_accuracy=0.6100" in out
+    assert out.splitlines()[1].startswith(f"{BEST} *") and f"best {BEST} with val_balanced_accuracy=0.6100" in out

@@ -16,7 +16,7 @@ from k8s_validation import CRDS, Validator
 from torch.distributed.run import get_args_parser
 
 from bincount import cli
-from bincount.config import ClusterConfig, JobResources, TrainConfig, TuneJob
+from bincount.config import ClusterConfig, JobResources, TuneJob, load_train_config
 from bincount.errors import ConfigError
 from bincount.k8s.resources import RUN_FLAG
 from bincount.train.loop import METRIC_KEYS, metric_line
@@ -45,7 +45,7 @@ def full_space(**changes) -> SearchSpace:
         max_failed_trials=2, parameters=[PARAMETERS[k] for k in ("double-log", "int-step", "categorical",
                                                                   "discrete")],
         early_stopping={"min_trials": 2, "start_step": 3},
-        trial={"weights": "none", "freeze": "backbone", "image_size": 96, "cache_size": 128, "augment": "flip",
+        trial={"weights": "none", "freeze": "backbone", "image_size": 96, "augment": "flip",
                "feature_cache": True, "classes": [1, 2, 3]},
         resources={"workers": 2, "procs_per_worker": 2, "cpu_request": "2", "cpu_limit": "4"})
     from bincount.config import from_dict
@@ -89,14 +89,17 @@ def test_rendered_experiment_is_valid_against_katib_and_pytorchjob_schemas_stric
     assert "'maximum' was unexpected" in found and "'agrs' was unexpected" in found
 
 
-def test_default_space_is_the_seeds_search_on_validation_accuracy():
+def test_default_space_is_the_seeds_search_over_the_pretrained_lite_models_on_validation():
     space = load_space()
-    assert (space.objective.metric, space.objective.goal) == ("val_accuracy", "maximize")
+    assert (space.objective.metric, space.objective.goal) == ("val_balanced_accuracy", "maximize")
     assert space.max_trials == 8
-    lr, batch = space.parameters
-    assert (lr.name, lr.min, lr.max, lr.log) == ("lr", 0.001, 0.01, True)
-    assert (batch.name, batch.values) == ("batch_size", (32, 64, 128, 256))
-    assert space.trial["arch"] == "resnext101_32x8d" and space.trial["freeze"] == "backbone"
+    lr, batch, arch = space.parameters
+    assert (lr.name, lr.log) == ("lr", True) and batch.name == "batch_size"
+    assert arch.values == ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+    assert space.trial["recipe"] == "abid" and not space.shares_features
+    trial = load_train_config(None, {"store": "s", "dataset": "d", "run": "r", **space.settings(
+        {"lr": 0.001, "batch_size": 32, "arch": "efficientnet_lite2"})})
+    assert (trial.arch, trial.weights, trial.freeze) == ("efficientnet_lite2", "imagenet", "none")
 
 
 @pytest.mark.parametrize("space", [load_space(), full_space()], ids=["default", "full"])
@@ -124,8 +127,8 @@ def test_trial_command_reaches_the_trainer_as_the_local_trial_does(space, monkey
         seen = []
         monkeypatch.setattr("bincount.train.loop.train", lambda cfg: seen.append(cfg) or _NotMain())
         assert cli.main(["train", *torchrun.training_script_args]) == 0
-        wanted = TrainConfig(store="s3://bincount", dataset="abid", run="exp-x7k2q9vb",
-                             **space.settings(values))
+        wanted = load_train_config(None, {"store": "s3://bincount", "dataset": "abid", "run": "exp-x7k2q9vb",
+                                          **space.settings(values)})
         assert seen == [wanted]
 
         local_argv = local.trial_argv(space, TuneJob(store="s3://bincount", dataset="abid"), values, "exp-x7k2q9vb")
@@ -155,7 +158,7 @@ def test_objective_and_metrics_format_match_the_trainers_metric_line():
     assert set(objective["additionalMetricNames"]) <= set(METRIC_KEYS)
     pattern = body["spec"]["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"][0]
     record = {"epoch": 12, "train_loss": 1.2345e-07, "train_accuracy": 1.0, "val_loss": 12.5,
-              "val_accuracy": 0.4125, "val_mae": 0.0, "lr": 3.3e-05}
+              "val_accuracy": 0.4125, "val_balanced_accuracy": 0.4, "val_mae": 0.0, "lr": 3.3e-05}
     line = metric_line(record)
     found = {m[0]: float(m[1]) for m in re.findall(pattern, line)}
     assert found == {k: float(v) for k, v in record.items()}, line

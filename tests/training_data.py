@@ -17,7 +17,7 @@ from bincount.data.synthetic import generate
 
 DATASET = "tiny"
 KATIB_METRIC = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")
-TINY = dict(dataset=DATASET, weights="none", image_size=48, cache_size=64, epochs=2, batch_size=8, workers=0,
+TINY = dict(dataset=DATASET, weights="none", image_size=48, epochs=2, batch_size=8, workers=0,
             precision="fp32", warmup_epochs=0.0)
 
 

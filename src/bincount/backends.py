@@ -7,7 +7,6 @@ with an InferenceService. Callers pick one by name through `get_backend`; nothin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -19,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from bincount.config import ClusterConfig, ServeJob, TrainConfig, TrainJob, TuneJob
+from bincount.config import (ClusterConfig, ServeJob, TrainConfig, TrainJob, TuneJob, is_packaged_recipe,
+                             load_train_config, to_dict)
 from bincount.errors import BincountError, ConfigError
 from bincount.k8s.resources import RUN_FLAG
 from bincount.store import KeyNotFoundError, open_store
@@ -55,15 +55,18 @@ class Backend(Protocol):
 
 def train_args(cfg: TrainConfig) -> list[str]:
     """The trainer's command line for `cfg`: the one rendering both backends launch, so torchrun and a
-    PyTorchJob train the same run. Only settings that differ from their defaults travel, as `--set`."""
+    PyTorchJob train the same run. The recipe travels by name and only the settings that differ from it, as
+    `--set`; a recipe file is read here and its settings travel instead, since a pod cannot read this machine's
+    files."""
     args = ["--store", cfg.store, "--dataset", cfg.dataset, RUN_FLAG, cfg.run]
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("store", "dataset", "run"):
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        value = getattr(cfg, f.name)
-        if value != default:
-            args += ["--set", f"{f.name}={_text(value, f.name)}"]
+    packaged = is_packaged_recipe(cfg.recipe)
+    if packaged:
+        args += ["--recipe", cfg.recipe]
+    base = to_dict(load_train_config(None, {"store": "", "dataset": "", "run": "",
+                                            "recipe": cfg.recipe if packaged else ""}))
+    for name, value in to_dict(cfg).items():
+        if name not in ("store", "dataset", "run", "recipe") and value != base[name]:
+            args += ["--set", f"{name}={_text(value, name)}"]
     return args
 
 
@@ -79,7 +82,7 @@ def _text(value: object, name: str) -> str:
 
 def _outcome(cfg: TrainConfig) -> TrainOutcome:
     from bincount.train.loop import model_prefix
-    from bincount.train.models import META_FILE
+    from bincount.model.exported import META_FILE
 
     store = open_store(cfg.store)
     prefix = model_prefix(cfg.run)

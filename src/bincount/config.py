@@ -91,35 +91,42 @@ class TrainConfig:
     """One training run: data, model, recipe and runtime. Saved, resolved, with the exported model.
 
     A rerun with the same `run` resumes from `checkpoints/<run>/last.pt`. `freeze: backbone` with
-    `feature_cache` trains the head on backbone features computed once and kept in the store.
+    `feature_cache` trains the head on backbone features computed once and kept in the store. `recipe` names
+    the packaged recipe (or YAML file) whose values stand in for these defaults; see `load_train_config`.
     """
 
     store: str
     dataset: str
     run: str
-    arch: str = "resnet18"
-    weights: str = "DEFAULT"                    # DEFAULT, a torchvision weights name, none, a file or s3:// URI
+    recipe: str = ""                            # quickstart, abid, or a YAML file of these keys
+    arch: str = "resnet18"                      # torchvision name, efficientnet_lite0/1/2, or timm/<name>
+    weights: str = "DEFAULT"                    # DEFAULT, imagenet, a torchvision weights name, none, a file, s3://
     freeze: str = "none"                        # none, backbone, or a stage name: freeze up to and including it
     classes: tuple[int, ...] = CLASSES
-    image_size: int = 224
-    cache_size: int = 256                       # local cache keeps images with this shorter side; 0: originals
+    image_size: int = 224                       # the photo is stretched to this square; the cache keeps that square
     augment: str = "counting"                   # none, flip (the seed's), counting (flips, quarter turns, colour)
     epochs: int = 10
     batch_size: int = 64                        # per process
     optimizer: str = "adamw"                    # adam, adamw, sgd
-    lr: float = 1e-3
+    lr: float = 1e-3                            # the head's; the backbone's is lr × backbone_lr_scale
+    backbone_lr_scale: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 0.01
     schedule: str = "cosine"                    # cosine (with warmup), onecycle, constant (with warmup)
     warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
+    loss: str = "ce"                            # ce, or ordinal (soft targets that respect the order of counts)
+    label_smoothing: float = 0.0                # ce only
+    ordinal_scale: float = 1.0                  # ordinal only: target weight exp(-scale·(count - label)²)
     class_weights: list[float] | str = "none"   # none, balanced (from the train split), or one weight per class
     grad_clip: float = 0.0                      # max gradient norm; 0: off
     accumulate: int = 1                         # micro-batches per optimizer step
     precision: str = "auto"                     # bf16, fp16 (GPU), fp32; auto: bf16 where the hardware has it
     channels_last: bool | None = None           # None: on GPU, or on CPU with bf16 (fp32 CPU convs are slower)
-    monitor: str = "val_accuracy"               # val_accuracy (max) or val_loss (min): best model, early stop
+    monitor: str = "val_accuracy"               # val_accuracy, val_balanced_accuracy (max) or val_loss (min)
     patience: int = 0                           # epochs without improvement before stopping; 0: never
+    tta: str = "none"                           # exported model: none, or dihedral (mean over 8 flips/turns)
+    calibration: str = "none"                   # exported model: none, or temperature (fitted on val)
+    decode: str = "argmax"                      # exported model: argmax, or median (least expected count error)
     seed: int = 0
     workers: int = -1                           # DataLoader workers per process; -1: from the CPU count
     prefetch_workers: int = 16                  # threads filling the local image cache
@@ -143,6 +150,7 @@ class EvaluateConfig:
     workers: int = -1
     cache_dir: str = ""
     device: str = "auto"
+    precision: str = "auto"                     # auto (bf16 where the hardware has it, as served), bf16, fp32
 
 
 @dataclass
@@ -157,6 +165,52 @@ class TuneJob:
     workdir: str = ""                           # local: study copy, trial logs; "": under $BINCOUNT_CACHE/tuning
     timeout: float = 0.0                        # kubernetes: seconds to follow the Experiment; 0: until it ends
     poll: float = 10.0                          # kubernetes: seconds between status reads
+
+
+RECIPES = "bincount.train.recipes"
+RECIPE_SUFFIX = ".yaml"
+
+
+def recipes() -> list[str]:
+    """The names of the recipes packaged with bincount."""
+    from importlib import resources
+
+    return sorted(f.name[: -len(RECIPE_SUFFIX)] for f in resources.files(RECIPES).iterdir()
+                  if f.name.endswith(RECIPE_SUFFIX))
+
+
+def is_packaged_recipe(recipe: str) -> bool:
+    return recipe in recipes()
+
+
+def recipe_settings(recipe: str) -> dict[str, Any]:
+    """A recipe's TrainConfig values: one packaged with bincount by name, or a YAML file of the same keys. Every
+    key is checked here, so a typo in a recipe fails before any training starts."""
+    from importlib import resources
+
+    if is_packaged_recipe(recipe):
+        where = f"recipe {recipe}"
+        values = yaml.safe_load(resources.files(RECIPES).joinpath(recipe + RECIPE_SUFFIX).read_text()) or {}
+    elif os.sep in recipe or "/" in recipe or recipe.endswith((".yaml", ".yml")):
+        where = f"recipe file {recipe}"
+        values = _read_yaml(Path(recipe))
+    else:
+        raise ConfigError(f"unknown recipe {recipe!r}; packaged: {', '.join(recipes())}, or a YAML file")
+    placed = sorted({"store", "dataset", "run", "recipe"} & set(values))
+    if placed:
+        raise ConfigError(f"{where}: a recipe says how to train, not what or where; remove {', '.join(placed)}")
+    from_dict(TrainConfig, {"store": "", "dataset": "", "run": "", **values}, where)
+    return values
+
+
+def load_train_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from, in rising order: its defaults, the recipe (named by the overrides, e.g. `--recipe`, or
+    by the file), the YAML file at `path`, then the non-None overrides."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    file_values = _read_yaml(Path(path)) if path is not None else {}
+    recipe = given.get("recipe", file_values.get("recipe")) or ""
+    values = {**(recipe_settings(str(recipe)) if recipe else {}), **file_values, **given}
+    return from_dict(TrainConfig, values, where=str(path) if path else "options")
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> C:

@@ -1,9 +1,8 @@
-"""A split manifest as a torch Dataset over a per-node local cache of the store's images.
+"""A split manifest as a torch Dataset over a per-node local cache of the model's input squares.
 
 Reading every JPEG from the store and decoding it at full size every epoch (the seed did) makes the network
-and the decoder the bottleneck. The cache is filled once per node by a thread pool, with each image shrunk so
-its shorter side is `short_side` (originals that are already small are kept byte for byte); every epoch then
-decodes small local files. Keys are strings, file names too: `221` and `00221` stay different bins.
+and the decoder the bottleneck. The cache is filled once per node by a thread pool; every epoch then reads
+small local arrays. Keys are strings, file names too: `221` and `00221` stay different bins.
 """
 
 from __future__ import annotations
@@ -18,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from bincount.data.abid import image_key
 from bincount.data.prepare import dataset_key, read_manifest
 from bincount.errors import BincountError
+from bincount.model.preprocess import ImageError, read_image
 from bincount.store import KeyNotFoundError, LocalStore, Store
 
 
@@ -65,17 +64,21 @@ def default_cache_root() -> Path:
 
 
 class ImageCache:
-    """Local copies of `raw/bin-images/<key>.jpg`, one directory per store and shorter-side size."""
+    """The model's input squares of `raw/bin-images/<key>.jpg`, one directory per store and input size.
 
-    def __init__(self, store: Store, root: str | os.PathLike | None, short_side: int):
+    Each photo is decoded and resized once, by the exported model's own preprocessing (`read_image`), and kept as
+    raw uint8, so every epoch of training, evaluate and the audit feed the network exactly the tensor that the
+    server computes from the same photo: no second resize, no JPEG re-encoding between them.
+    """
+
+    def __init__(self, store: Store, root: str | os.PathLike | None, size: int):
         self.store = store
-        self.short_side = short_side
+        self.size = size
         store_id = hashlib.sha256(store.uri.encode()).hexdigest()[:12]
-        size_dir = f"short{short_side}" if short_side else "original"
-        self.local = LocalStore(Path(root or default_cache_root()) / store_id / size_dir)
+        self.local = LocalStore(Path(root or default_cache_root()) / store_id / f"square{size}")
 
     def path(self, key: str) -> Path:
-        return self.local.root / f"{key}.jpg"
+        return self.local.root / f"{key}.npy"
 
     def fill(self, keys: Iterable[str], workers: int) -> int:
         """Fetch every key not cached yet; returns how many were fetched. All failures are reported at once."""
@@ -103,30 +106,22 @@ class ImageCache:
         except KeyNotFoundError:
             return f"missing {key}"
         try:
-            self.local.put(f"{key}.jpg", self._shrink(data))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+            square = read_image(data, self.size)
+        except ImageError as e:
             return f"{image_key(key)} ({e})"
+        buf = io.BytesIO()
+        np.save(buf, square.numpy(), allow_pickle=False)
+        self.local.put(f"{key}.npy", buf.getvalue())
         return None
-
-    def _shrink(self, data: bytes) -> bytes:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            scale = self.short_side / min(w, h) if self.short_side else 1.0
-            if scale >= 1.0:
-                img.load()
-                return data
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            img.draft("RGB", size)
-            out = io.BytesIO()
-            img.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(out, "JPEG", quality=95)
-            return out.getvalue()
 
 
 class BinImages(Dataset):
-    """(uint8 CHW image, class index) pairs; `classes[index]` is the item count."""
+    """(uint8 CHW model input, class index) pairs; `classes[index]` is the item count."""
 
-    def __init__(self, items: Sequence[Item], cache: ImageCache, transform: Callable, classes: Sequence[int]):
-        self.paths = [str(cache.path(item.key)) for item in items]
+    def __init__(self, items: Sequence[Item], cache: ImageCache, classes: Sequence[int],
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.keys = [item.key for item in items]
+        self.paths = [str(cache.path(key)) for key in self.keys]
         self.targets = [list(classes).index(item.label) for item in items]
         self.transform = transform
 
@@ -134,6 +129,5 @@ class BinImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[i]) as img:
-            image = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
-        return self.transform(image), self.targets[i]
+        image = torch.from_numpy(np.load(self.paths[i], allow_pickle=False))
+        return (self.transform(image) if self.transform else image), self.targets[i]

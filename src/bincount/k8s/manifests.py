@@ -57,21 +57,22 @@ def profiles(cluster: ClusterConfig) -> dict[str, Profile]:
 
     default = Profile(
         name="default",
-        train_args=(*store, "--arch", "resnext101_32x8d", "--weights", "DEFAULT", "--freeze", "none",
-                    "--epochs", "20", "--precision", "bf16"),
+        train_args=(*store, *trainer_args({"recipe": "abid", "epochs": 20, "precision": "bf16"})),
         training=JobResources(workers=2, procs_per_worker=1, gpus_per_worker=1, cpu_request="4", cpu_limit="8",
                               memory_request="16Gi", memory_limit="32Gi", shm_size="4Gi"),
         experiment=tuning(search),
         serving=ServingResources(), minio_storage="100Gi")
     cpu = JobResources(workers=1, procs_per_worker=2, gpus_per_worker=0, cpu_request="2", cpu_limit="2",
                        memory_request="3Gi", memory_limit="4Gi", shm_size="1Gi")
-    small = {"arch": "resnet18", "weights": "DEFAULT", "image_size": 128, "epochs": 3, "precision": "fp32"}
+    # a kind cluster on a laptop: the smallest pretrained model at 224 px, a short run, the lr x batch search
+    small = {"arch": "efficientnet_lite0", "image_size": 224, "epochs": 3, "precision": "fp32"}
     dev_cpu = Profile(
         name="dev-cpu",
-        train_args=(*store, *trainer_args(small)),
+        train_args=(*store, *trainer_args({"recipe": "abid", **small})),
         training=cpu,
         experiment=tuning(replace(
-            search, trial={**search.trial, **small}, max_trials=4, parallel_trials=1,
+            search, parameters=tuple(p for p in search.parameters if p.name not in small),
+            trial={**search.trial, **small}, max_trials=4, parallel_trials=1,
             resources=JobResources(procs_per_worker=1, cpu_request="1", cpu_limit="2", memory_request="2Gi",
                                    memory_limit="3Gi", shm_size="512Mi"))),
         serving=ServingResources(min_replicas=1, max_replicas=1, cpu_request="500m", cpu_limit="1",

@@ -23,12 +23,11 @@ from bincount.errors import BincountError, ConfigError
 from bincount.kfp.stages import STAGE_ERRORS_ENV
 
 # The local run's defaults where they differ from the pipeline's (which are a cluster's): synthetic bins into a
-# local store, a small network trained from scratch (no pretrained weights offline), a short search.
+# local store, the quickstart recipe (resnet18 from scratch at 128 px), a short search.
 QUICKSTART: dict[str, Any] = {
     "source": "synthetic", "images": 1500, "store": "bincount-data", "dataset": "quickstart",
-    "arch": "resnet18", "weights": "none", "freeze": "none", "image_size": 128,
-    "space": "quickstart.yaml", "trials": 2, "parallel_trials": 1, "trial_epochs": 2, "epochs": 15,
-    "workers": 1, "gpus_per_worker": 0, "backend": "local",
+    "balance": "undersample", "recipe": "quickstart", "space": "quickstart.yaml", "trials": 2,
+    "parallel_trials": 1, "trial_epochs": 2, "workers": 1, "gpus_per_worker": 0, "backend": "local",
 }
 PIPELINE_ROOT = "local_outputs"                 # kfp.local's own default: where each step's artifacts land
 
@@ -65,7 +64,7 @@ class PipelineRun:
             f"  tuning      {a['trials']} trials, best {params}: {objective['metric']} {objective['value']:.4f} "
             f"({o['best'].metadata['location']})",
             f"  model       {model['store_uri']} ({model['arch']}, {model['input_size']:.0f} px, best epoch "
-            f"{model['best_epoch']:.0f} of {a['epochs']})",
+            f"{model['best_epoch']:.0f} of {model['epochs']:.0f})",
             f"  test        accuracy {test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}, within one "
             f"item {test['within_one_accuracy']:.4f}, MAE {test['mae']:.3f} ({test['samples']:.0f} images)",
             f"  reports     {model['reports']} (training curves and step times, test metrics, confusion matrix)",

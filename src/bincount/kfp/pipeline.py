@@ -45,18 +45,19 @@ def bin_counting(
     source_bucket: str = ABID_BUCKET,
     store: str = CLUSTER.store,
     dataset: str = "abid",
-    balance: str = "undersample",
+    balance: str = "none",
     split: str = "0.7,0.2,0.1",
     seed: int = 0,
     space: str = "tuning.yaml",
-    arch: str = "resnet50",
-    weights: str = "DEFAULT",
-    freeze: str = "backbone",
-    image_size: int = 224,
+    recipe: str = "abid",
+    arch: str = "",
+    weights: str = "",
+    freeze: str = "",
+    image_size: int = 0,
     trials: int = 8,
     parallel_trials: int = 2,
     trial_epochs: int = 5,
-    epochs: int = 20,
+    epochs: int = 0,
     workers: int = 2,
     gpus_per_worker: int = 1,
     procs_per_worker: int = 0,
@@ -77,19 +78,23 @@ def bin_counting(
         source_bucket: abid: the bucket holding bin-images/ and metadata/.
         store: Where data and models live: s3://bucket[/prefix] or a local path.
         dataset: Name of the prepared dataset (datasets/NAME/ in the store).
-        balance: undersample, oversample or none.
+        balance: none (every image; the recipes weight the classes instead), undersample or oversample.
         split: Train, validation and test fractions.
         seed: Seed of the synthetic images and of the split.
         space: Search space: one packaged with bincount (tuning.yaml, the seed's search; quickstart.yaml) or
             a tuning.yaml path the step can read. The pipeline sets its trials' model, epochs and resources.
-        arch: torchvision classification model, e.g. resnet18, resnet50, resnext101_32x8d, efficientnet_b0.
-        weights: DEFAULT (torchvision's), none, or a state dict file or s3:// URI.
-        freeze: backbone (trains the head on cached features), none (full fine-tune) or a stage name.
-        image_size: Input size in pixels (the photo is stretched to a square).
+        recipe: Training recipe: abid (real photos: ImageNet-pretrained EfficientNet-Lite, fine-tuned) or
+            quickstart (synthetic bins, resnet18 from scratch); the parameters below override it.
+        arch: Model, e.g. efficientnet_lite0/1/2, resnet18, resnet50; empty: the recipe's.
+        weights: imagenet, DEFAULT (torchvision's, downloaded), none, or a state dict file or s3:// URI; empty:
+            the recipe's.
+        freeze: backbone (trains the head on cached features), none (full fine-tune) or a stage name; empty:
+            the recipe's.
+        image_size: Input size in pixels (the photo is stretched to a square); 0: the recipe's.
         trials: Hyperparameter trials.
         parallel_trials: Trials run at once.
         trial_epochs: Epochs of each trial.
-        epochs: Epochs of the final training.
+        epochs: Epochs of the final training; 0: the recipe's.
         workers: Pods of each PyTorchJob (Master + Workers); one node locally.
         gpus_per_worker: GPUs per pod; 0 trains on CPU.
         procs_per_worker: DDP processes per pod; 0: one per GPU, or one without GPUs.
@@ -104,7 +109,8 @@ def bin_counting(
                                      seed=seed), WORKING)
     sizes = {"workers": workers, "gpus_per_worker": gpus_per_worker, "procs_per_worker": procs_per_worker}
     searched = _on_cluster(c.tune(splits=prepared.outputs["splits"], backend=backend, run_name=run_name,
-                                  job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, space=space, arch=arch, weights=weights,
+                                  job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, space=space, recipe=recipe, arch=arch,
+                                  weights=weights,
                                   freeze=freeze, image_size=image_size, trial_epochs=trial_epochs, trials=trials,
                                   parallel_trials=parallel_trials, **sizes), LAUNCHING)
     trained = _on_cluster(c.train(splits=prepared.outputs["splits"], best=searched.outputs["best"], backend=backend,

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import yaml
 
 from bincount.config import (DownloadConfig, EdaConfig, EvaluateConfig, JobResources, PrepareConfig, ServeConfig,
-                             ServeJob, SyntheticConfig, TrainConfig, TrainJob, TuneJob, from_dict, to_dict)
+                             ServeJob, SyntheticConfig, TrainJob, TuneJob, from_dict, load_train_config, to_dict)
 from bincount.errors import BincountError, ConfigError
 from bincount.store import Store, open_store
 
@@ -134,23 +134,32 @@ def prepare(raw: Any, name: str, balance: str, split: str, seed: int, splits: An
 
 def search_space(path: str, experiment: str, trials: int, parallel_trials: int, trial: dict[str, Any],
                  resources: JobResources) -> Any:
-    """A search space's parameters, objective and algorithm; the pipeline's model, sizes and resources."""
+    """A search space's parameters, objective and algorithm; the pipeline's model, sizes and resources. A setting
+    the space searches stays searched."""
     from bincount.tune.space import load_space
 
     space = load_space(path)
+    searched = {p.name for p in space.parameters}
+    fixed = {k: v for k, v in trial.items() if k not in searched}
     return dataclasses.replace(space, name=experiment, max_trials=trials, parallel_trials=parallel_trials,
-                               trial={**space.trial, **trial}, resources=resources)
+                               trial={**space.trial, **fixed}, resources=resources)
+
+
+def model_settings(recipe: str, arch: str, weights: str, freeze: str, image_size: int) -> dict[str, Any]:
+    """The pipeline's model parameters as trainer settings; empty ones (and image size 0) leave the recipe's."""
+    given = {"recipe": recipe, "arch": arch, "weights": weights, "freeze": freeze, "image_size": image_size}
+    return {k: v for k, v in given.items() if v}
 
 
 @stage
-def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, arch: str, weights: str, freeze: str,
-         image_size: int, trial_epochs: int, trials: int, parallel_trials: int, workers: int, gpus_per_worker: int,
-         procs_per_worker: int, best: Any, tuning_report: Any) -> None:
+def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, recipe: str, arch: str, weights: str,
+         freeze: str, image_size: int, trial_epochs: int, trials: int, parallel_trials: int, workers: int,
+         gpus_per_worker: int, procs_per_worker: int, best: Any, tuning_report: Any) -> None:
     from bincount.backends import get_backend
     from bincount.tune.results import best_json
 
     experiment = f"{run_id(run_name, job_id)}-hpo"
-    trial = {"arch": arch, "weights": weights, "freeze": freeze, "image_size": image_size, "epochs": trial_epochs,
+    trial = {**model_settings(recipe, arch, weights, freeze, image_size), "epochs": trial_epochs,
              "precision": "auto"}
     sized = search_space(space, experiment, trials, parallel_trials, trial,
                          job_resources(workers, gpus_per_worker, procs_per_worker))
@@ -175,19 +184,21 @@ def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, arch
 @stage
 def train(splits: Any, best: Any, backend: str, run_name: str, job_id: str, epochs: int, workers: int,
           gpus_per_worker: int, procs_per_worker: int, model: Any, metrics: Any) -> None:
+    """The best trial's settings, for `epochs` (0: the recipe's)."""
     from bincount.backends import get_backend
-    from bincount.train.models import META_FILE, MODEL_FILE
+    from bincount.model.exported import META_FILE, MODEL_FILE
 
     run = run_id(run_name, job_id)
-    settings = json.loads(Path(best.path).read_text())["train"]
+    settings = {k: v for k, v in json.loads(Path(best.path).read_text())["train"].items() if k != "epochs"}
     store = _store(splits)
-    cfg = from_dict(TrainConfig, {**settings, "store": store, "dataset": splits.metadata["dataset"], "run": run,
-                                  "epochs": epochs}, "train")
+    cfg = load_train_config(None, {**settings, "store": store, "dataset": splits.metadata["dataset"], "run": run,
+                                   "epochs": epochs or None})
     outcome = get_backend(backend).train(TrainJob(cfg, job_resources(workers, gpus_per_worker, procs_per_worker)))
     _fetch(open_store(outcome.model), {Path(model.path) / file: file for file in (MODEL_FILE, META_FILE)})
     meta = json.loads((Path(model.path) / META_FILE).read_text())
     model.metadata.update({"store_uri": outcome.model, "run": run, "arch": meta["arch"],
-                           "input_size": meta["input_size"], "best_epoch": meta["best_epoch"],
+                           "input_size": meta["preprocessing"]["size"], "best_epoch": meta["best_epoch"],
+                           "epochs": meta["epochs"], **{f"inference_{k}": v for k, v in meta["inference"].items()},
                            "reports": open_store(store).url(f"reports/{run}")})
     for name, value in outcome.metrics.items():
         metrics.log_metric(name, value)

@@ -1,48 +1,21 @@
-"""Image bytes from a request → the model's uint8 input, refusing what would hurt the server.
-
-The size is read from the header and checked against the pixel cap before anything is decoded, so a
-decompression bomb (a small file that decodes to gigabytes) costs nothing. The resize is the trainer's
-evaluation transform, so the server sees photos the way evaluation did.
-"""
+"""Image bytes from a request → the model's uint8 input, through the exported model's own preprocessing
+(`bincount.model.preprocess`), so the server sees a photo exactly as evaluation did; what cannot be read is the
+client's error: 413 for an image over the pixel cap, 400 for anything else."""
 
 from __future__ import annotations
 
-import io
-import struct
 from http import HTTPStatus
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as F
 
+from bincount.model.preprocess import ImageError, read_image
 from bincount.serve.errors import RequestError
-from bincount.train import presets
-
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
-CORRUPT = (OSError, SyntaxError, ValueError, EOFError, struct.error)  # what Pillow raises on broken files
 
 
 def decode_image(data: bytes, size: int, max_pixels: int, where: str) -> torch.Tensor:
     """uint8 RGB tensor [3, size, size]; `where` names the instance in error messages."""
-    if not data:
-        raise RequestError(f"{where}: the image is empty")
     try:
-        image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except UnidentifiedImageError:
-        raise RequestError(f"{where}: not an image in a format this server reads "
-                           f"({', '.join(FORMATS)})") from None
-    except Image.DecompressionBombError as e:
-        raise RequestError(f"{where}: refused as a decompression bomb ({e})", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-    except CORRUPT as e:
-        raise RequestError(f"{where}: the image header is truncated or corrupt ({e})") from None
-    with image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise RequestError(f"{where}: the image is {width}×{height} px ({width * height / 1e6:.1f} Mpx), "
-                               f"over this server's limit of {max_pixels / 1e6:.1f} Mpx",
-                               HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        try:
-            rgb = image.convert("RGB")
-        except CORRUPT as e:
-            raise RequestError(f"{where}: the {image.format} image is truncated or corrupt ({e})") from None
-    return presets.eval_transform(size)(F.pil_to_tensor(rgb))
+        return read_image(data, size, max_pixels)
+    except ImageError as e:
+        status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if e.reason == "too-large" else HTTPStatus.BAD_REQUEST
+        raise RequestError(f"{where}: {e}", status) from None

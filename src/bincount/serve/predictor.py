@@ -5,8 +5,9 @@ V1  POST /v1/models/<name>:predict  {"instances": [{"image": {"b64": "..."}}, {"
 V2  POST /v2/models/<name>/infer    one BYTES input of shape [N]: `image` (base64 image files) or `url`
     → outputs `count` (INT32 [N]) and `probabilities` (FP32 [N, classes], columns in class order)
 
-The instances of a request are decoded in parallel and predicted as one batch; concurrent requests share
-forward passes (see `batcher`). Anything wrong with a request is a `RequestError` with a 4xx status.
+Counts and probabilities are the exported model's own (`bincount.model.exported`): its preprocessing,
+test-time augmentation, calibration and decoding, as evaluate applies them. The instances of a request are
+decoded in parallel and predicted as one batch; concurrent requests share forward passes (see `batcher`). Anything wrong with a request is a `RequestError` with a 4xx status.
 """
 
 from __future__ import annotations
@@ -23,76 +24,19 @@ import numpy as np
 import orjson
 import torch
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
-from torch.fx.experimental.optimization import fuse
 
 from bincount.config import ServeConfig
+from bincount.devices import pick_device
 from bincount.errors import ConfigError
+from bincount.model.exported import ExportedModel
 from bincount.serve import web
 from bincount.serve.batcher import Batcher
 from bincount.serve.errors import RequestError
 from bincount.serve.fetch import UrlPolicy, fetch
 from bincount.serve.images import decode_image
-from bincount.train import presets
-from bincount.train.distributed import pick_device
-from bincount.train.distributed import cpu_has_bf16
-from bincount.train.models import load_exported
 
 V1_FORM = '{"image": {"b64": "..."}} or {"url": "https://..."}'
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FETCH_THREADS = 16
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What model.json tells the server: the classes (item counts) and how to prepare a photo."""
-
-    arch: str
-    classes: tuple[int, ...]
-    input_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def from_meta(cls, meta: dict, where: str) -> ModelInfo:
-        missing = [k for k in ("arch", "classes", "input_size", "mean", "std") if k not in meta]
-        if missing:
-            raise ConfigError(f"{where}: model.json lacks {', '.join(missing)}")
-        if meta.get("resize", presets.RESIZE_MODE) != presets.RESIZE_MODE:
-            raise ConfigError(f"{where}: model.json asks for resize {meta['resize']!r}; this server does "
-                              f"{presets.RESIZE_MODE!r}")
-        return cls(meta["arch"], tuple(meta["classes"]), int(meta["input_size"]), tuple(meta["mean"]),
-                   tuple(meta["std"]))
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, recent GPUs), else fp32."""
-    cuda = device.type == "cuda"
-    if precision == "auto":
-        return "bf16" if (torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()) else "fp32"
-    if precision not in DTYPES or (precision == "fp16" and not cuda):
-        raise ConfigError(f"unknown precision {precision!r} for {device.type}; valid: auto, bf16, fp32"
-                          + (", fp16" if cuda else ""))
-    return precision
-
-
-class Runner:
-    """uint8 image batch → class probabilities, in the one inference thread. The model is prepared once:
-    each BatchNorm folded into the convolution before it (in fp32, with torch.fx), weights cast to the
-    serving precision (bf16 weights cost nothing per call, where autocast would recast them on every
-    forward pass), channels_last memory (the fast layout for oneDNN and cuDNN convolutions)."""
-
-    def __init__(self, net: torch.nn.Module, info: ModelInfo, precision: str, device: torch.device):
-        self.device = device
-        self.dtype = DTYPES[precision]
-        self.net = fuse(net.eval()).to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
-        self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1) * 255
-
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.to(self.device).float() - self.mean) / self.std
-        logits = self.net(x.to(dtype=self.dtype, memory_format=torch.channels_last))
-        return logits.float().softmax(1).cpu()
 
 
 @dataclass
@@ -116,21 +60,20 @@ class BinCountModel(Model):
         self.urls = urls if urls.hosts else None
         # Fetches wait on other servers: their own threads, so slow URLs never hold up decoding.
         self.fetchers = ThreadPoolExecutor(FETCH_THREADS, "bincount-fetch") if self.urls else None
-        self.info: ModelInfo | None = None
+        self.model: ExportedModel | None = None
         self.batcher: Batcher | None = None
 
     def load(self) -> bool:
         """Load, then warm up at the smallest and largest batch, so the first requests are as fast as any."""
-        net, meta = load_exported(self.cfg.model)
-        self.info = ModelInfo.from_meta(meta, self.cfg.model)
+        self.model = ExportedModel.load(self.cfg.model)
         device = pick_device(self.cfg.device)
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
-        runner = Runner(net, self.info, resolve_precision(self.cfg.precision, device), device)
-        size = self.info.input_size
+        predictor = self.model.predictor(device, self.cfg.precision)
+        size = self.model.preprocessing.size
         for n in sorted({1, self.cfg.max_batch}):
-            runner(torch.zeros(n, 3, size, size, dtype=torch.uint8))
-        self.batcher = Batcher(runner, self.cfg.max_batch)
+            predictor(torch.zeros(n, 3, size, size, dtype=torch.uint8))
+        self.batcher = Batcher(predictor, self.cfg.max_batch)
         self.ready = True
         return self.ready
 
@@ -148,7 +91,7 @@ class BinCountModel(Model):
 
     def get_output_types(self) -> list[dict]:
         return [{"name": "count", "datatype": "INT32", "shape": [-1]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.info.classes)]}]
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.model.classes)]}]
 
     async def preprocess(self, payload, headers: dict | None = None) -> _Batch:
         if isinstance(payload, InferRequest):
@@ -168,9 +111,9 @@ class BinCountModel(Model):
 
     async def postprocess(self, result: _Result, headers: dict | None = None):
         probabilities = result.probabilities
-        counts = [self.info.classes[i] for i in probabilities.argmax(1).tolist()]
+        counts = self.model.counts(probabilities)
         if result.batch.v2 is None:
-            keys = [str(c) for c in self.info.classes]
+            keys = [str(c) for c in self.model.classes]
             return {"predictions": [{"count": count, "probabilities": dict(zip(keys, row))}
                                     for count, row in zip(counts, probabilities.tolist())]}
         n = len(counts)
@@ -241,7 +184,7 @@ class BinCountModel(Model):
                 data = base64.b64decode(data, validate=True)
             except (binascii.Error, ValueError) as e:
                 raise RequestError(f"{where}: invalid base64 ({e})") from None
-        return decode_image(data, self.info.input_size, self.cfg.max_pixels, where)
+        return decode_image(data, self.model.preprocessing.size, self.cfg.max_pixels, where)
 
 
 def _json(body: bytes | str, headers: dict | None) -> object:

@@ -17,12 +17,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as tdist
 
+from bincount.devices import pick_device
 from bincount.errors import BincountError, ConfigError
 
 
@@ -68,18 +68,6 @@ def init(device: str = "auto", timeout_s: float = 1800) -> Dist:
         tdist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                  timeout=timedelta(seconds=timeout_s))
     return Dist(rank, local_rank, world, local_world, dev)
-
-
-def pick_device(device: str, local_rank: int = 0) -> torch.device:
-    """`auto`: this process's GPU where there is one, else the CPU."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but no CUDA GPU is visible")
-    if device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
 
 
 def close(d: Dist) -> None:
@@ -141,12 +129,3 @@ def sync_buffers(d: Dist, module: torch.nn.Module) -> None:
     if d.world > 1:
         for buffer in module.buffers():
             tdist.broadcast(buffer, src=0)
-
-
-def cpu_has_bf16() -> bool:
-    """bf16 pays off on a CPU only with native bf16 arithmetic (AVX512-BF16 or AMX); elsewhere it is emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -23,8 +23,7 @@ from bincount.data.dataset import Item
 from bincount.store import Store
 from bincount.train import distributed
 from bincount.train.distributed import Dist
-from bincount.train.models import head_name
-from bincount.train.presets import to_input
+from bincount.model.zoo import head_name
 
 
 def feature_key(dataset: str, split: str, items: Sequence[Item], arch: str, weights_id: str,
@@ -37,9 +36,11 @@ def feature_key(dataset: str, split: str, items: Sequence[Item], arch: str, weig
 
 
 @torch.no_grad()
-def extract(model: nn.Module, images: Dataset, batch_size: int, workers: int, device: torch.device,
-            autocast: Callable[[], contextlib.AbstractContextManager], channels_last: bool) -> torch.Tensor:
-    """The input of the model's head for every image, as float32 on the CPU."""
+def extract(model: nn.Module, images: Dataset, batch_size: int, workers: int,
+            autocast: Callable[[], contextlib.AbstractContextManager],
+            to_input: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The input of the model's head for every image (uint8 batches made network inputs by `to_input`), as
+    float32 on the CPU."""
     name = head_name(model)
     head = model.get_submodule(name)
     model.set_submodule(name, nn.Identity())
@@ -48,7 +49,7 @@ def extract(model: nn.Module, images: Dataset, batch_size: int, workers: int, de
     try:
         for x, _ in DataLoader(images, batch_size=batch_size, num_workers=workers, shuffle=False):
             with autocast():
-                out.append(model(to_input(x, device, channels_last)).float().cpu())
+                out.append(model(to_input(x)).float().cpu())
     finally:
         model.set_submodule(name, head)
     return torch.cat(out) if out else torch.empty(0, head.in_features)

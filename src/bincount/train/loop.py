@@ -37,19 +37,26 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from bincount import metrics
 from bincount.config import TrainConfig, to_dict
+from bincount.devices import cpu_has_bf16
 from bincount.data.dataset import BinImages, ImageCache, Item, load_split
 from bincount.errors import BincountError, ConfigError
+from bincount.model import zoo
+from bincount.evaluate import predict_log_probs
+from bincount.model.exported import DECODINGS, TTA_MODES, ExportedModel, Inference, Preprocessing, fit_temperature
 from bincount.store import KeyNotFoundError, Store, open_store
-from bincount.train import distributed, features, models, presets, report
+from bincount.train import distributed, features, freeze, losses, presets, report
 from bincount.train.distributed import Dist
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-MONITORS = ("val_accuracy", "val_loss")
+MONITORS = ("val_accuracy", "val_balanced_accuracy", "val_loss")
+CALIBRATIONS = ("none", "temperature")
 RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_mae", "lr")
+METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
+               "val_mae", "lr")
 # A resume with other values here would silently continue a different model.
 RESUME_KEYS = ("dataset", "arch", "weights", "freeze", "classes", "image_size", "feature_cache", "batch_size",
                "accumulate")
@@ -114,11 +121,12 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         store = open_store(cfg.store)
         splits = {s: load_split(store, cfg.dataset, s, cfg.classes) for s in ("train", "val")}
         ckpt = load_checkpoint(store, cfg) if cfg.resume else None
-        criterion = nn.CrossEntropyLoss(weight=class_weights(cfg, splits["train"]),
-                                        label_smoothing=cfg.label_smoothing).to(d.device)
+        criterion = losses.CountLoss(cfg.loss, cfg.classes, cfg.label_smoothing, cfg.ordinal_scale,
+                                     class_weights(cfg, splits["train"])).to(d.device)
         seed_everything(cfg.seed)
-        model, weights_id = models.build_model(cfg.arch, len(cfg.classes), cfg.weights)
-        models.apply_freeze(model, cfg.freeze)
+        model, weights_id = zoo.build_model(cfg.arch, len(cfg.classes), cfg.weights)
+        freeze.apply_freeze(model, cfg.freeze)
+        preprocessing = Preprocessing(cfg.image_size, *zoo.normalization(cfg.arch))
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
@@ -135,7 +143,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     with distributed.phase(d):
         cached = {s: fast and store.exists(k) for s, k in feature_keys.items()} if d.main else None
     cached = distributed.broadcast(d, cached)
-    cache = ImageCache(store, cfg.cache_dir, cfg.cache_size)
+    cache = ImageCache(store, cfg.cache_dir, cfg.image_size)
     with distributed.phase(d):
         if d.local_rank == 0:
             start = time.perf_counter()
@@ -143,24 +151,22 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                                  cfg.prefetch_workers)
             if fetched:
                 log(f"image cache {cache.local.root}: {fetched} image(s) in {time.perf_counter() - start:.1f} s")
-    eval_images = {s: BinImages(items, cache, presets.eval_transform(cfg.image_size), cfg.classes)
-                   for s, items in splits.items()}
+    eval_images = {s: BinImages(items, cache, cfg.classes) for s, items in splits.items()}
+    to_input = _to_input(preprocessing, d.device, cfg.channels_last)
     if fast:
         def compute(images):
-            return features.extract(model, images, cfg.batch_size, cfg.workers, d.device, autocast,
-                                    cfg.channels_last)
+            return features.extract(model, images, cfg.batch_size, cfg.workers, autocast, to_input)
 
         train_set, val_set = (features.load_or_compute(store, feature_keys[s], eval_images[s].targets, compute,
                                                        None if cached[s] else eval_images[s], d, log)
                               for s in ("train", "val"))
-        net: nn.Module = models.head(model)
-        prepare = _to_device(d.device)
+        net: nn.Module = zoo.head(model)
+        prepare, head_prefix = _to_device(d.device), ""
     else:
-        train_set = BinImages(splits["train"], cache, presets.train_transform(cfg.image_size, cfg.augment),
-                              cfg.classes)
+        train_set = BinImages(splits["train"], cache, cfg.classes, presets.train_transform(cfg.augment))
         val_set = eval_images["val"]
         net = model
-        prepare = _to_input(d.device, cfg.channels_last)
+        prepare, head_prefix = to_input, zoo.head_name(model) + "."
     workers = 0 if fast else cfg.workers        # features are in memory already
     sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
@@ -169,7 +175,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                             num_workers=workers, pin_memory=d.device.type == "cuda")
 
     # ---- recipe
-    optimizer = make_optimizer(net, cfg)
+    optimizer = make_optimizer(net, cfg, head_prefix)
     scheduler = make_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.accumulate))
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
 
@@ -238,7 +244,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if len(set(digests)) > 1:
             raise BincountError(f"DDP replicas diverged: final weights differ between ranks ({digests})")
         if d.main:
-            export(store, cfg, state, net, model)
+            export(store, cfg, state, net, model, preprocessing, cache, eval_images["val"], d, log)
             report.write(store, cfg.run, state.history)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     return TrainResult(cfg.run, store.url(model_prefix(cfg.run)), state.best_epoch,
@@ -249,7 +255,7 @@ def train_epoch(ddp_net: nn.Module, net: nn.Module, loader: DataLoader, optimize
                 scheduler, scaler: torch.amp.GradScaler, criterion: nn.Module, prepare: Callable,
                 autocast: Callable, cfg: TrainConfig, d: Dist, epoch: int, timer: report.EpochTimer,
                 profiler) -> dict[str, float]:
-    models.train_mode(net)
+    freeze.train_mode(net)
     totals = torch.zeros(3, dtype=torch.float64, device=d.device)    # loss sum, correct, samples
     optimizer.zero_grad(set_to_none=True)
     batches = len(loader)
@@ -285,21 +291,29 @@ def train_epoch(ddp_net: nn.Module, net: nn.Module, loader: DataLoader, optimize
 @torch.no_grad()
 def validate_epoch(net: nn.Module, loader: DataLoader, prepare: Callable, autocast: Callable,
                    classes: Sequence[int], d: Dist) -> dict[str, float]:
-    """Loss (plain cross-entropy, comparable across recipes), accuracy and mean absolute count error."""
+    """Loss (plain cross-entropy, comparable across recipes), accuracy, balanced accuracy (the mean recall over
+    the counts present) and mean absolute count error."""
     net.eval()
+    k = len(classes)
     values = torch.tensor(list(classes), dtype=torch.float64, device=d.device)
-    totals = torch.zeros(4, dtype=torch.float64, device=d.device)    # loss sum, correct, abs error, samples
+    totals = torch.zeros(3, dtype=torch.float64, device=d.device)    # loss sum, abs error, samples
+    hits = torch.zeros(2, k, dtype=torch.float64, device=d.device)   # per class: correct, samples
     for x, y in loader:
         x, y = prepare(x), y.to(d.device, non_blocking=True)
         with autocast():
             logits = net(x)
         logits = logits.float()
         pred = logits.argmax(1)
-        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), (pred == y).sum().double(),
+        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
                                (values[pred] - values[y]).abs().sum(),
                                torch.tensor(float(len(y)), dtype=torch.float64, device=d.device)])
-    loss_sum, correct, abs_err, n = distributed.all_sum(d, totals).tolist()
-    return {"val_loss": loss_sum / n, "val_accuracy": correct / n, "val_mae": abs_err / n}
+        hits[0] += torch.bincount(y[pred == y], minlength=k).double()
+        hits[1] += torch.bincount(y, minlength=k).double()
+    loss_sum, abs_err, n = distributed.all_sum(d, totals).tolist()
+    correct, support = distributed.all_sum(d, hits).tolist()
+    recalls = [c / s for c, s in zip(correct, support) if s]
+    return {"val_loss": loss_sum / n, "val_accuracy": sum(correct) / n,
+            "val_balanced_accuracy": sum(recalls) / len(recalls), "val_mae": abs_err / n}
 
 
 def _check_finite(loss: torch.Tensor, d: Dist, run: str, epoch: int, step: int) -> None:
@@ -334,23 +348,26 @@ def validate(cfg: TrainConfig) -> None:
     if not RUN_RE.match(cfg.run or ""):
         problems.append(f"run id {cfg.run!r} must start with a letter or digit and hold only letters, digits, "
                         "'.', '_' and '-'")
-    if cfg.arch not in models.architectures():
-        problems.append(f"unknown architecture {cfg.arch!r}; valid: {', '.join(models.architectures())}")
+    try:
+        zoo.family(cfg.arch)
+    except ConfigError as e:
+        problems.append(str(e))
     for name, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
-                        ("augment", presets.AUGMENTS), ("monitor", MONITORS)):
+                        ("augment", presets.AUGMENTS), ("monitor", MONITORS), ("loss", losses.LOSSES),
+                        ("tta", TTA_MODES), ("calibration", CALIBRATIONS), ("decode", DECODINGS)):
         if getattr(cfg, name) not in valid:
             problems.append(f"unknown {name} {getattr(cfg, name)!r}; valid: {', '.join(valid)}")
     for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("image_size", 16),
                       ("patience", 0), ("profile", 0), ("prefetch_workers", 1)):
         if getattr(cfg, name) < low:
             problems.append(f"{name} must be at least {low}, got {getattr(cfg, name)}")
-    for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "grad_clip", "label_smoothing"):
+    for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "grad_clip", "label_smoothing",
+                 "backbone_lr_scale"):
         if not getattr(cfg, name) >= 0:
             problems.append(f"{name} must be 0 or more, got {getattr(cfg, name)}")
-    if not cfg.lr > 0 or not cfg.label_smoothing < 1:
-        problems.append(f"lr must be above 0 and label_smoothing below 1, got {cfg.lr} and {cfg.label_smoothing}")
-    if cfg.cache_size and cfg.cache_size < cfg.image_size:
-        problems.append(f"cache_size {cfg.cache_size} is below image_size {cfg.image_size}; use 0 for originals")
+    if not cfg.lr > 0 or not cfg.label_smoothing < 1 or not cfg.ordinal_scale > 0:
+        problems.append(f"lr and ordinal_scale must be above 0 and label_smoothing below 1, got {cfg.lr}, "
+                        f"{cfg.ordinal_scale} and {cfg.label_smoothing}")
     if not cfg.classes or len(set(cfg.classes)) != len(cfg.classes):
         problems.append(f"classes must be distinct item counts, got {cfg.classes}")
     if isinstance(cfg.class_weights, str) and cfg.class_weights not in ("none", "balanced"):
@@ -368,10 +385,10 @@ def resolve(cfg: TrainConfig, d: Dist) -> TrainConfig:
     precision = cfg.precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else (
-            "bf16" if distributed.cpu_has_bf16() else "fp32")
+            "bf16" if cpu_has_bf16() else "fp32")
     if precision == "fp16" and not cuda:
         raise ConfigError("precision fp16 needs a GPU (it trains with a GradScaler); use bf16 or fp32 on a CPU")
-    if precision == "bf16" and not cuda and not distributed.cpu_has_bf16():
+    if precision == "bf16" and not cuda and not cpu_has_bf16():
         print("bincount train: warning: this CPU lacks AVX512-BF16/AMX; bf16 will be slow", file=sys.stderr)
     channels_last = cfg.channels_last if cfg.channels_last is not None else (cuda or precision == "bf16")
     workers = cfg.workers if cfg.workers >= 0 else min(4, max(0, (os.cpu_count() or 1) // d.local_world - 1))
@@ -390,12 +407,10 @@ def class_weights(cfg: TrainConfig, items: Sequence[Item]) -> torch.Tensor | Non
     return torch.tensor(cfg.class_weights, dtype=torch.float32)
 
 
-def make_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on weights only, not on biases and normalization parameters."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+def make_optimizer(net: nn.Module, cfg: TrainConfig, head_prefix: str) -> torch.optim.Optimizer:
+    """Weight decay on weights only, not on biases and normalization parameters; the backbone at
+    `backbone_lr_scale` times the head's learning rate."""
+    groups = freeze.param_groups(net, cfg.lr, cfg.weight_decay, cfg.backbone_lr_scale, head_prefix)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -403,12 +418,14 @@ def make_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Stepped once per optimizer step; warmup is linear from lr/warmup_steps."""
+    """Stepped once per optimizer step; warmup is linear from lr/warmup_steps. One cycle's two phases each keep
+    at least one step (torch divides by their lengths); a run of under 3 steps warms up and anneals by cosine."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total, int(cfg.warmup_epochs * steps_per_epoch))
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
-                                                   pct_start=warmup / total if warmup else 0.3)
+    if cfg.schedule == "onecycle" and total >= 3:
+        pct = min(max(warmup / total if warmup else 0.3, 1.5 / total), (total - 1) / total)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=total, pct_start=pct)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -425,8 +442,9 @@ def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.A
     return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _to_input(device: torch.device, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: presets.to_input(x, device, channels_last)
+def _to_input(preprocessing: Preprocessing, device: torch.device,
+              channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: preprocessing.normalize(x, device, channels_last=channels_last)
 
 
 def _to_device(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -504,19 +522,35 @@ def save_checkpoint(store: Store, cfg: TrainConfig, net: nn.Module, optimizer, s
     store.put_text(checkpoint_key(cfg.run, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in state.history))
 
 
-def export(store: Store, cfg: TrainConfig, state: RunState, net: nn.Module, model: nn.Module) -> None:
-    """models/<run>/model.pt (the whole model with the best epoch's `net` weights), then model.json, whose
-    presence marks it complete."""
-    prefix = model_prefix(cfg.run)
+def export(store: Store, cfg: TrainConfig, state: RunState, net: nn.Module, model: nn.Module,
+           preprocessing: Preprocessing, cache: ImageCache, val_images: BinImages, d: Dist,
+           log: Callable[[str], None]) -> None:
+    """models/<run>/: the whole model with the best epoch's `net` weights, and how to use it. With test-time
+    augmentation or calibration, the exported model itself predicts the validation split — in the precision it
+    will be served in — to fit the temperature and record what it scores as exported."""
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     net.load_state_dict(torch.load(io.BytesIO(store.get(checkpoint_key(cfg.run, "best.pt"))),
                                    map_location=next(net.parameters()).device, weights_only=True))
-    store.put(f"{prefix}/{models.MODEL_FILE}", _save(model.state_dict()))
-    meta = {"arch": cfg.arch, "classes": list(cfg.classes), "input_size": cfg.image_size,
-            "resize": presets.RESIZE_MODE, "mean": list(presets.IMAGENET_MEAN), "std": list(presets.IMAGENET_STD),
-            "best_epoch": state.best_epoch, "metrics": {k: best[k] for k in METRIC_KEYS if k != "epoch"},
-            "epochs": state.epoch, "config": to_dict(cfg)}
-    store.put_text(f"{prefix}/{models.META_FILE}", json.dumps(meta, indent=2) + "\n")
+    exported = ExportedModel(model, cfg.arch, cfg.classes, preprocessing, Inference(cfg.tta, 1.0, cfg.decode), {
+        "best_epoch": state.best_epoch, "metrics": {k: best[k] for k in METRIC_KEYS if k != "epoch"},
+        "epochs": state.epoch, "config": to_dict(cfg)})
+    if cfg.tta != "none" or cfg.calibration != "none":
+        start = time.perf_counter()
+        cache.fill(val_images.keys, cfg.prefetch_workers)
+        log_probs, targets = predict_log_probs(exported.predictor(d.device, cfg.precision), val_images,
+                                               cfg.batch_size, cfg.workers)
+        temperature = fit_temperature(log_probs, targets) if cfg.calibration == "temperature" else 1.0
+        exported = exported.calibrated(Inference(cfg.tta, temperature, cfg.decode))
+        probabilities = (log_probs / temperature).softmax(1)
+        counted = metrics.counting([cfg.classes[t] for t in targets.tolist()], exported.counts(probabilities),
+                                   cfg.classes)
+        exported.meta["validation"] = {**{k: counted[k] for k in ("accuracy", "balanced_accuracy", "mae",
+                                                                  "within_one_accuracy")},
+                                       **metrics.calibration(probabilities, targets)}
+        log(f"export: tta {cfg.tta}, temperature {temperature:.3f}, decode {cfg.decode}; validation as exported: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in exported.meta["validation"].items())
+            + f" ({time.perf_counter() - start:.1f} s)")
+    exported.save(store, model_prefix(cfg.run))
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:

@@ -18,7 +18,7 @@ from importlib import resources
 from typing import Any
 
 from bincount.cli import TRAIN_FLAGS
-from bincount.config import ClusterConfig, JobResources, TrainConfig, from_dict, load_config
+from bincount.config import ClusterConfig, JobResources, TrainConfig, from_dict, load_config, load_train_config
 from bincount.data.prepare import dataset_key
 from bincount.errors import ConfigError
 from bincount.k8s.resources import ExperimentSpec, SearchParameter, experiment
@@ -283,7 +283,7 @@ class SearchSpace:
         for p in self.parameters:
             for value in (p.min, p.max) if p.type in ("double", "int") else p.values:
                 try:
-                    validate(TrainConfig(**_PLACEHOLDERS, **{**self.trial, p.name: value}))
+                    validate(load_train_config(None, {**_PLACEHOLDERS, **self.trial, p.name: value}))
                 except ConfigError as e:
                     raise ConfigError(f"search space: with {p.name}={text(value)}: {e}") from None
 
@@ -305,7 +305,7 @@ class SearchSpace:
     @property
     def shares_features(self) -> bool:
         """Whether every trial trains a head on the same cached backbone features."""
-        cfg = TrainConfig(**_PLACEHOLDERS, **self.trial)
+        cfg = load_train_config(None, {**_PLACEHOLDERS, **self.trial})
         searched = {p.name for p in self.parameters}
         return (cfg.freeze == "backbone" and cfg.feature_cache
                 and not searched & {"arch", "weights", "freeze", "image_size", "precision"})
