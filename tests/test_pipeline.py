@@ -225,6 +225,32 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
             os.kill(int(deployment["stop"].split()[1]), signal.SIGTERM)
 
 
+@pytest.mark.slow
+def test_pipeline_runs_real_photos_from_an_abid_mirror_with_the_abid_recipe(tmp_path, abid_mirror):
+    """The real-data quick path: real ABID photos from an S3 mirror, every image kept (class weights instead of
+    undersampling), the abid recipe's pretrained Lite model searched, trained, calibrated and evaluated. Sizes
+    are cut to seconds; the model parameters override the recipe where given."""
+    done = _pipeline(tmp_path, "--source", "abid", "--source-endpoint", abid_mirror.endpoint, "--source-bucket",
+                     abid_mirror.bucket, "--images", "50", "--balance", "none", "--recipe", "abid",
+                     "--space", "quickstart.yaml", "--trials", "1", "--trial-epochs", "1", "--epochs", "1",
+                     "--image-size", "64", "--deploy-threshold", "1.01", "--run-name", "real", "--dataset", "real")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    store = tmp_path / "store"
+    meta = json.loads((store / "models" / "real" / "model.json").read_text())
+    assert meta["arch"] == "efficientnet_lite0" and meta["config"]["recipe"] == "abid"
+    assert meta["config"]["weights"] == "imagenet" and meta["config"]["loss"] == "ordinal"
+    assert meta["config"]["class_weights"] == "balanced" and meta["epochs"] == 1
+    assert meta["preprocessing"] == {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "stretch"}
+    assert meta["inference"]["tta"] == "dihedral" and meta["inference"]["temperature"] > 0
+    labels = {json.loads(line)["key"]: json.loads(line)["label"]
+              for split in ("train", "val", "test")
+              for line in (store / "datasets" / "real" / f"{split}.jsonl").read_text().splitlines()}
+    assert len(labels) == 50 and all(abid_mirror.labels[k] == v for k, v in labels.items())
+    evaluation = json.loads((store / "reports" / "real" / "evaluation" / "metrics.json").read_text())
+    assert evaluation["inference"] == meta["inference"] and evaluation["samples"] == 5
+    assert "not deployed: test accuracy" in done.stdout
+
+
 def executor_output(run: Path, step: str) -> dict:
     return json.loads((run / step / "executor_output.json").read_text())
 
