@@ -130,6 +130,13 @@ class TrainConfig:
     resume: bool = True
 
 
+# The TrainConfig keys that have a flag of their own in `bincount train` (the trainer's entry parses them); any
+# other key travels as `--set key=value`. The search space tunes only these.
+TRAIN_FLAGS = ("store", "dataset", "run", "arch", "weights", "freeze", "image_size", "epochs", "batch_size", "lr",
+               "optimizer", "schedule", "weight_decay", "warmup_epochs", "label_smoothing", "precision", "patience",
+               "seed", "workers", "cache_dir", "device", "profile")
+
+
 @dataclass
 class EvaluateConfig:
     """Test-set metrics of an exported model, written to `out` (a local directory or store URI)."""
