@@ -1,14 +1,21 @@
 """What the package's source imports, read with `ast` so that imports inside functions count too: the CLI sits
-on top (DESIGN.md "Direction of imports")."""
+on top (DESIGN.md "Direction of imports"), and every dependency pyproject.toml declares is used."""
 
 from __future__ import annotations
 
 import ast
+import re
+from importlib import metadata
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 PACKAGE = SRC / "bincount"
+# Declared for what another dependency imports on bincount's behalf: optuna's samplers that tuning.yaml can name.
+INDIRECT = {"scipy": "optuna's GPSampler and QMCSampler (bayesianoptimization, sobol)",
+            "cmaes": "optuna's CmaEsSampler (cmaes)"}
 
 
 def module_name(path: Path) -> str:
@@ -40,3 +47,25 @@ def test_nothing_below_the_cli_imports_it():
     cli = PACKAGE / "cli.py"
     importers = [module_name(p) for p in sources() if p != cli and "bincount.cli" in imports(p)]
     assert importers == []
+
+
+def provided_modules(distribution: str) -> set[str]:
+    """The Python modules an installed distribution's files hold."""
+    out = set()
+    for file in metadata.distribution(distribution).files or []:
+        if file.suffix == ".py":
+            parts = file.with_suffix("").parts
+            out.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return out
+
+
+def test_every_declared_dependency_is_imported():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    declared = [*project["dependencies"],
+                *(r for name, reqs in extras.items() if name not in ("all", "dev") for r in reqs)]
+    names = [re.match(r"[A-Za-z0-9._-]+", r).group(0) for r in declared]
+    imported = set().union(*(imports(p) for p in sources()))
+    unused = [n for n in names if n not in INDIRECT and not provided_modules(n) & imported]
+    assert unused == [], "declared in pyproject.toml, imported nowhere in src/: drop them or use them"
