@@ -16,6 +16,7 @@ import pytest
 import yaml
 from bincount.processes import free_port
 
+from bincount import cli
 from bincount.config import TRAINER_IMAGE, ClusterConfig
 from bincount.k8s.resources import S3_CREDENTIALS, store_settings
 from bincount.kfp import stages
@@ -43,7 +44,16 @@ def test_a_changed_definition_is_drift(tmp_path):
     train = tmp_path / COMPONENTS_DIR / "train" / "component.yaml"
     train.write_text(train.read_text().replace("epochs", "epoch"))
     (tmp_path / PIPELINE_FILE).unlink()
-    assert sorted(drift(tmp_path)) == sorted([PIPELINE_FILE, COMPONENTS_DIR / "train" / "component.yaml"])
+    assert sorted(drift(tmp_path)) == [f"changed {COMPONENTS_DIR / 'train' / 'component.yaml'}",
+                                       f"missing {PIPELINE_FILE}"]
+
+
+def test_check_outside_a_checkout_says_the_files_are_missing_and_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["pipeline", "compile", "--check"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bincount: error: ") and err.count("\n") == 1, err
+    assert f"missing under {tmp_path}" in err and str(PIPELINE_FILE) in err and "differ" not in err, err
 
 
 def _specs() -> dict[str, dict]:

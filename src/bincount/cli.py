@@ -130,7 +130,7 @@ def _generate(root, check: bool, drift: Callable, write: Callable, what: str, co
     if check:
         stale = drift(root)
         if stale:
-            raise BincountError(f"{what} under {root} differ from their source ({'; '.join(map(str, stale))}); "
+            raise BincountError(f"{what} under {root} differ from their source ({'; '.join(stale)}); "
                                 f"run `{command}`")
         print(f"{what} under {root} are current")
     else:
