@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = groups.add_parser("evaluate", help="test metrics and confusion matrix of an exported model")
     p.add_argument("--store", help="store root holding datasets/NAME/")
-    p.add_argument("--model", help="model directory or URI, or a run name under STORE/models/")
+    p.add_argument("--model", help="a run name (RUN or models/RUN) under --store, a model directory, or a store URI")
     p.add_argument("--dataset", help="dataset name")
     p.add_argument("--split", help="split to evaluate (default test)")
     p.add_argument("--out", help="output directory or store URI for metrics.json and the confusion matrix")

@@ -142,7 +142,7 @@ class EvaluateConfig:
     """Test-set metrics of an exported model, written to `out` (a local directory or store URI)."""
 
     store: str
-    model: str                                  # a model directory or URI, or a run name under STORE/models/
+    model: str                                  # RUN or models/RUN under the store, a model directory, or a URI
     dataset: str
     out: str
     split: str = "test"

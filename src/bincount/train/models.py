@@ -18,6 +18,7 @@ from torch import nn
 from torchvision import models
 
 from bincount.errors import BincountError, ConfigError
+from bincount.model_location import resolve_model_location
 from bincount.store import KeyNotFoundError, open_store
 
 # Their heads are not a final Linear (squeezenet) or they return auxiliary logits while training.
@@ -173,9 +174,8 @@ def save_exported(store, prefix: str, model: nn.Module, meta: dict) -> None:
 
 def load_exported(location: str, store: str | None = None) -> tuple[nn.Module, dict]:
     """An exported model (in eval mode) and its model.json, from a model directory or URI, or from a run name
-    under `STORE/models/`."""
-    if store and "://" not in location and not Path(location).is_dir():
-        location = f"{store.rstrip('/')}/models/{location}"
+    (`RUN` or `models/RUN`) under `STORE/models/`."""
+    location = resolve_model_location(location, store)
     model_store = open_store(location)
     try:
         meta = json.loads(model_store.get_text(META_FILE))
