@@ -378,3 +378,34 @@ def test_serve_cli_refuses_bad_options_in_one_line(server, tmp_path, capsys, mon
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("bincount: error: ") and words in err and err.count("\n") == 1, err
+
+
+def _must_not_run(*_, **__):
+    raise AssertionError("the server loaded the model or started despite a bad port")
+
+
+@pytest.mark.parametrize("port", ["65536", "99999", "0", "-1", "http"])
+def test_serve_refuses_a_port_outside_1_to_65535_before_loading_the_model(port, server, capsys, monkeypatch):
+    from bincount.cli import main
+    from bincount.serve import predictor
+
+    monkeypatch.setattr(predictor.BinCountModel, "load", _must_not_run)
+    monkeypatch.setattr(predictor, "ModelServer", _must_not_run)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--model", server.model_dir, "--port", port])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --port: expected a TCP port 1-65535" in err and "Traceback" not in err, err
+
+
+def test_serve_refuses_a_config_files_port_outside_1_to_65535_in_one_line(server, tmp_path, capsys, monkeypatch):
+    from bincount.cli import main
+    from bincount.serve import predictor
+
+    monkeypatch.setattr(predictor.BinCountModel, "load", _must_not_run)
+    monkeypatch.setattr(predictor, "ModelServer", _must_not_run)
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"model: {server.model_dir}\nport: 99999\n")
+    assert main(["serve", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err == "bincount: error: serve: port must be between 1 and 65535, got 99999\n", err

@@ -185,6 +185,12 @@ def _quantity_range(text: str) -> str:
     return f"{int(lo)},{int(hi)}"
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text!r}")
+    return int(text)
+
+
 def _ids(values: list[str]) -> list[str]:
     """Ids from the command line: space- or comma-separated; `@file` reads one id per line."""
     out: list[str] = []
@@ -299,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = groups.add_parser("serve", help="serve an exported model with kserve's ModelServer (V1 + V2, upload page)")
     p.add_argument("--model", help="model directory (KServe mounts /mnt/models) or store URI")
-    p.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    p.add_argument("--port", type=_port, help="HTTP port, 1-65535 (default 8080)")
     p.add_argument("--name", help="model name in the endpoint paths (default bincount)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"], help="default auto: bf16 where fast")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])

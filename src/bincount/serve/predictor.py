@@ -260,8 +260,10 @@ def _json(body: bytes | str, headers: dict | None) -> object:
 def check(cfg: ServeConfig) -> None:
     problems = [f"{name} must be at least {low}, got {getattr(cfg, name)}"
                 for name, low in (("max_batch", 1), ("max_body_bytes", 1024), ("max_pixels", 1), ("threads", 0),
-                                  ("url_max_bytes", 1), ("url_max_redirects", 0), ("port", 0))
+                                  ("url_max_bytes", 1), ("url_max_redirects", 0))
                 if getattr(cfg, name) < low]
+    if not 1 <= cfg.port <= 65535:
+        problems.append(f"port must be between 1 and 65535, got {cfg.port}")
     if cfg.url_timeout <= 0:
         problems.append(f"url_timeout must be positive, got {cfg.url_timeout}")
     if problems:
