@@ -79,6 +79,23 @@ def export_model(root: str | Path, photos: list[tuple[bytes, int]]) -> str:
     return f"{root}/models/test"
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The addresses that TCP sockets listening on `port` are bound to, from Linux's /proc/net tables."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:          # 0A: LISTEN
+                raw = bytes.fromhex(address)                        # 32-bit words in the host's (little) byte order
+                found.add(socket.inet_ntop(family, b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))))
+    return found
+
+
 def png_of_size(width: int, height: int) -> bytes:
     """A few-KB PNG whose header claims width × height pixels: what a decompression bomb looks like."""
     out = io.BytesIO()

@@ -9,12 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from bincount.processes import free_port
+from serve_support import listening_addresses
 
 from bincount import cli
 from bincount.config import TRAINER_IMAGE, ClusterConfig
@@ -223,6 +225,7 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
         deployment = json.loads(executor_output(run, "deploy")["parameterValues"]["Output"])
         assert deployment["deployed"] and deployment["model"] == str(store / "models" / "e2e")
         assert deployment["predict_url"] in summary and deployment["stop"] in summary
+        assert listening_addresses(urllib.parse.urlsplit(deployment["url"]).port) == {"127.0.0.1"}
         photo = (store / "raw" / "bin-images" / f"{rows['test'][0]['key']}.jpg").read_bytes()
         body = json.dumps({"instances": [{"image": {"b64": base64.b64encode(photo).decode()}}]}).encode()
         request = urllib.request.Request(deployment["predict_url"], body, {"Content-Type": "application/json"})

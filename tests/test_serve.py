@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from bincount.processes import free_port
-from serve_support import CLASSES, ImageServer, drawn_jpeg, export_model, png_of_size, real_photos
+from serve_support import (CLASSES, ImageServer, drawn_jpeg, export_model, listening_addresses, png_of_size,
+                           real_photos)
 
 from bincount.config import ServeConfig
 from bincount.errors import BincountError
@@ -145,6 +146,20 @@ def test_starting_again_in_the_same_workdir_replaces_the_server(tmp_path):
         for server in (first, other, second):
             if server:
                 server.stop()
+
+
+def test_a_local_server_listens_on_loopback_only(server):
+    """What `bincount serve` and the local deploy start is reachable from this machine, not from the network."""
+    assert listening_addresses(server.port) == {"127.0.0.1"}
+
+
+def test_host_names_the_address_to_listen_on(model_dir, tmp_path):
+    """The serving image and KServe's container listen on every interface, with --host 0.0.0.0."""
+    local = start(ServeConfig(model=model_dir, port=0, host="0.0.0.0"), tmp_path / "server")
+    try:
+        assert listening_addresses(local.port) == {"0.0.0.0"}
+    finally:
+        local.stop()
 
 
 @pytest.fixture(scope="module")
@@ -372,7 +387,7 @@ def test_serve_cli_refuses_bad_options_in_one_line(server, tmp_path, capsys, mon
     def must_not_start(*_, **__):
         raise AssertionError("the server started despite a bad option")
 
-    monkeypatch.setattr(predictor, "ModelServer", must_not_start)
+    monkeypatch.setattr(predictor.web, "Server", must_not_start)
 
     argv = ["serve", *(a.format(tmp=tmp_path, model=server.model_dir) for a in args), "--port", str(free_port())]
     assert main(argv) == 1
@@ -390,7 +405,7 @@ def test_serve_refuses_a_port_outside_1_to_65535_before_loading_the_model(port, 
     from bincount.serve import predictor
 
     monkeypatch.setattr(predictor.BinCountModel, "load", _must_not_run)
-    monkeypatch.setattr(predictor, "ModelServer", _must_not_run)
+    monkeypatch.setattr(predictor.web, "Server", _must_not_run)
     with pytest.raises(SystemExit) as exited:
         main(["serve", "--model", server.model_dir, "--port", port])
     assert exited.value.code == 2
@@ -403,7 +418,7 @@ def test_serve_refuses_a_config_files_port_outside_1_to_65535_in_one_line(server
     from bincount.serve import predictor
 
     monkeypatch.setattr(predictor.BinCountModel, "load", _must_not_run)
-    monkeypatch.setattr(predictor, "ModelServer", _must_not_run)
+    monkeypatch.setattr(predictor.web, "Server", _must_not_run)
     config = tmp_path / "serve.yaml"
     config.write_text(f"model: {server.model_dir}\nport: 99999\n")
     assert main(["serve", "--config", str(config)]) == 1

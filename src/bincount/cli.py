@@ -92,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from bincount.serve.predictor import serve
 
     serve(load_config(ServeConfig, args.config, _options(
-        args, "model", "port", "name", "precision", "device", "threads", "max_batch", "max_body_bytes", "max_pixels",
+        args, "model", "port", "host", "name", "precision", "device", "threads", "max_batch", "max_body_bytes", "max_pixels",
         "url_hosts", "url_timeout", "url_max_bytes", "url_max_redirects", "unsafe_url_addresses")))
 
 
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = groups.add_parser("serve", help="serve an exported model with kserve's ModelServer (V1 + V2, upload page)")
     p.add_argument("--model", help="model directory (KServe mounts /mnt/models) or store URI")
     p.add_argument("--port", type=_port, help="HTTP port, 1-65535 (default 8080)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every "
+                   "interface, as in the serving image)")
     p.add_argument("--name", help="model name in the endpoint paths (default bincount)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"], help="default auto: bf16 where fast")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])

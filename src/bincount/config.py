@@ -437,6 +437,7 @@ class ServeConfig:
 
     model: str                                  # a model directory (KServe mounts /mnt/models) or store URI
     port: int = 8080
+    host: str = "127.0.0.1"                     # this machine only; the serving image and KServe say 0.0.0.0
     name: str = "bincount"                      # the model name in /v1/models/<name>:predict
     precision: str = "auto"                     # auto (bf16 where the CPU or GPU has it), bf16, fp32
     device: str = "auto"                        # auto, cpu, cuda

@@ -22,7 +22,7 @@ from http import HTTPStatus
 import numpy as np
 import orjson
 import torch
-from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+from kserve import InferOutput, InferRequest, InferResponse, Model
 from torch.fx.experimental.optimization import fuse
 
 from bincount.config import ServeConfig
@@ -271,8 +271,8 @@ def check(cfg: ServeConfig) -> None:
 
 
 def serve(cfg: ServeConfig) -> None:
-    """Load and warm up the model, then serve it on `cfg.port` until SIGTERM or Ctrl-C."""
+    """Load and warm up the model, then serve it on `cfg.host`:`cfg.port` until SIGTERM or Ctrl-C."""
     model = BinCountModel(cfg)
     model.load()
     web.install(cfg)
-    ModelServer(http_port=cfg.port, enable_grpc=False, workers=1).start([model])
+    web.Server(cfg.host, http_port=cfg.port, enable_grpc=False, workers=1).start([model])

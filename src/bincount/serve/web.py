@@ -1,4 +1,5 @@
-"""What bincount adds to kserve's HTTP app: the upload page, the body-size guard and the 4xx error handler.
+"""What bincount adds to kserve's HTTP server: the upload page, the body-size guard, the 4xx error handler and the
+address it listens on.
 
 They are installed on kserve's FastAPI app before the ModelServer starts, so the page's `GET /` route comes
 before kserve's own `/` (the liveness answer, which non-browser clients still get) and the guard wraps
@@ -13,7 +14,7 @@ from importlib import resources
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, ORJSONResponse
-from kserve.model_server import app
+from kserve.model_server import ModelServer, app
 from kserve.protocol.dataplane import DataPlane
 
 from bincount.config import ServeConfig
@@ -35,6 +36,19 @@ def install(cfg: ServeConfig) -> None:
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
     app.add_middleware(RequestGuard, max_body=cfg.max_body_bytes)
     app.add_exception_handler(RequestError, request_error_handler)
+
+
+class Server(ModelServer):
+    """kserve's ModelServer, listening on `host`. kserve 0.21 builds its uvicorn config with host 0.0.0.0 whatever
+    the caller wants; the address is set on that config once `start` has built it, before it binds."""
+
+    def __init__(self, host: str, **kwargs):
+        super().__init__(**kwargs)
+        self.host = host
+
+    def setup_event_loop(self) -> None:
+        self._rest_server.config.host = self.host
+        super().setup_event_loop()
 
 
 CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob:; connect-src 'self'"
