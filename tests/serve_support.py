@@ -79,6 +79,15 @@ def export_model(root: str | Path, photos: list[tuple[bytes, int]]) -> str:
     return f"{root}/models/test"
 
 
+def jpeg_claiming(data: bytes, width: int, height: int) -> bytes:
+    """`data`, a JPEG, with its frame header (SOF) patched to claim `width` × `height`: the data stays as short as
+    it was, end marker and all."""
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return data[:i + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[i + 9:]
+
+
 def listening_addresses(port: int) -> set[str]:
     """The addresses that TCP sockets listening on `port` are bound to, from Linux's /proc/net tables."""
     found = set()

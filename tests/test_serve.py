@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from bincount.processes import free_port
-from serve_support import (CLASSES, ImageServer, drawn_jpeg, export_model, listening_addresses, png_of_size,
-                           real_photos)
+from serve_support import (CLASSES, ImageServer, drawn_jpeg, export_model, jpeg_claiming, listening_addresses,
+                           png_of_size, real_photos)
 
 from bincount.config import ServeConfig
 from bincount.errors import BincountError
+from bincount.serve.errors import RequestError
 from bincount.serve.images import decode_image
 from bincount.serve.local import start
 from bincount.serve.predictor import BinCountModel, resolve_precision
@@ -292,6 +293,8 @@ BAD_INPUTS = {
     "non-image bytes": (lambda s: s.v1([image(b"%PDF-1.4 certainly not a photo")]), 400, "not an image"),
     "truncated JPEG": (lambda s: s.v1([image(PHOTO[: len(PHOTO) // 2])]), 400, "truncated or corrupt"),
     "corrupt JPEG header": (lambda s: s.v1([image(PHOTO[:200])]), 400, "truncated or corrupt"),
+    "JPEG header claiming more pixels than its data": (lambda s: s.v1([image(jpeg_claiming(PHOTO, 2000, 1500))]),
+                                                       400, "truncated or corrupt"),
     "empty image": (lambda s: s.v1([{"image": {"b64": ""}}]), 400, "empty"),
     "over the pixel cap": (lambda s: s.v1([image(png_of_size(2500, 2000))]), 413, "over this server's limit"),
     "decompression bomb": (lambda s: s.v1([image(png_of_size(20000, 20000))]), 413, "decompression bomb"),
@@ -327,6 +330,13 @@ def test_bad_input_gets_4xx_and_the_server_carries_on(server, case):
     assert words in message, message
     status, body = server.v1([image(PHOTO)])
     assert status == 200 and body["predictions"][0]["count"] in CLASSES
+
+
+def test_a_jpeg_whose_header_claims_4000x6000_is_refused_as_truncated():
+    """The case a user hit, at the default pixel cap: the header's size is allowed, the data cannot fill it."""
+    with pytest.raises(RequestError) as refused:
+        decode_image(jpeg_claiming(PHOTO, 4000, 6000), 64, ServeConfig(model="").max_pixels, "instances[0]")
+    assert refused.value.status == 400 and "truncated or corrupt" in refused.value.reason
 
 
 def chromium() -> tuple[str, str]:

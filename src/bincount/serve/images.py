@@ -1,7 +1,8 @@
 """Image bytes from a request → the model's uint8 input, refusing what would hurt the server.
 
 The size is read from the header and checked against the pixel cap before anything is decoded, so a
-decompression bomb (a small file that decodes to gigabytes) costs nothing. The resize is the trainer's
+decompression bomb (a small file that decodes to gigabytes) costs nothing; a JPEG whose header claims more pixels
+than its data can hold is refused as truncated, as a cut-off one is. The resize is the trainer's
 evaluation transform, so the server sees photos the way evaluation did.
 """
 
@@ -41,8 +42,18 @@ def decode_image(data: bytes, size: int, max_pixels: int, where: str) -> torch.T
             raise RequestError(f"{where}: the image is {width}×{height} px ({width * height / 1e6:.1f} Mpx), "
                                f"over this server's limit of {max_pixels / 1e6:.1f} Mpx",
                                HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        if image.format == "JPEG" and len(data) * 8 < _blocks(width, height):
+            raise RequestError(f"{where}: the JPEG image is truncated or corrupt ({len(data)} bytes cannot hold "
+                               f"{width}×{height} px)")
         try:
             rgb = image.convert("RGB")
         except CORRUPT as e:
             raise RequestError(f"{where}: the {image.format} image is truncated or corrupt ({e})") from None
     return presets.eval_transform(size)(F.pil_to_tensor(rgb))
+
+
+def _blocks(width: int, height: int) -> int:
+    """8×8 blocks in a full-resolution JPEG component. Huffman coding spends at least one bit on each (its DC
+    coefficient has a code of its own), so fewer bytes than blocks / 8 cannot be a whole image: libjpeg would
+    decode up to the end marker and fill the rest, and Pillow would not say so."""
+    return -(-width // 8) * -(-height // 8)
