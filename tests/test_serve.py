@@ -315,7 +315,11 @@ BAD_INPUTS = {
     "V2 two inputs": (lambda s: s.v2(v2_input() + v2_input(name="url")), 400, "one input"),
     "V2 empty": (lambda s: s.v2(v2_input(shape=(0,), data=[])), 400, "no elements"),
     "V2 invalid base64": (lambda s: s.v2(v2_input(data=["%%%"])), 400, "invalid base64"),
-    "V2 malformed body": (lambda s: s.request("POST", "/v2/models/bincount/infer", b'{"inputs": 3}'), 422, ""),
+    "V2 malformed body": (lambda s: s.request("POST", "/v2/models/bincount/infer", b'{"inputs": 3}'), 422,
+                          "inference request"),
+    "V2 not JSON": (lambda s: s.request("POST", "/v2/models/bincount/infer", b'{inputs'), 422, "JSON"),
+    "unknown model": (lambda s: s.request("POST", "/v2/models/nope/infer", json.dumps(
+        {"inputs": v2_input()}).encode()), 404, "nope does not exist"),
     "V2 binary extension": (lambda s: s.request("POST", "/v2/models/bincount/infer", b'{"inputs": []}',
                                                 {"Inference-Header-Content-Length": "14"}), 415, "binary data"),
 }
@@ -323,11 +327,17 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gets_4xx_and_the_server_carries_on(server, case):
+    """...and one WARNING line in the server's log, no ERROR and no traceback: the client erred, not the server."""
     send, status, words = BAD_INPUTS[case]
+    logged = server.log.stat().st_size
     got, body = send(server)
     assert got == status, body
     message = body.get("error") or json.dumps(body.get("detail"))
     assert words in message, message
+    log = new_log_lines(server.log, logged)
+    assert not [line for line in log if " ERROR " in line or "Traceback" in line], log
+    warnings_ = [line for line in log if " WARNING " in line]
+    assert len(warnings_) == 1 and f"refused ({status})" in warnings_[0], log
     status, body = server.v1([image(PHOTO)])
     assert status == 200 and body["predictions"][0]["count"] in CLASSES
 
@@ -337,6 +347,31 @@ def test_a_jpeg_whose_header_claims_4000x6000_is_refused_as_truncated():
     with pytest.raises(RequestError) as refused:
         decode_image(jpeg_claiming(PHOTO, 4000, 6000), 64, ServeConfig(model="").max_pixels, "instances[0]")
     assert refused.value.status == 400 and "truncated or corrupt" in refused.value.reason
+
+
+def new_log_lines(log: Path, offset: int) -> list[str]:
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", "replace").splitlines()
+
+
+def test_a_422_echoes_little_of_a_large_invalid_v2_body(server):
+    """A schema error names where the body is wrong and shows a short excerpt, not the body itself."""
+    body = json.dumps({"id": "big", "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                "data": "A" * 900_000}]}).encode()
+    logged = server.log.stat().st_size
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("POST", "/v2/models/bincount/infer", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        status, answer = response.status, response.read()
+    finally:
+        conn.close()
+    assert status == 422 and len(answer) < 4096, (status, len(answer))
+    detail = json.loads(answer)
+    assert "inputs" in detail["error"] and "data" in json.dumps(detail["detail"])
+    log = new_log_lines(server.log, logged)
+    assert sum(len(line) for line in log) < 4096 and not any(" ERROR " in line for line in log), log
 
 
 def chromium() -> tuple[str, str]:

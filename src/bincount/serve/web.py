@@ -13,12 +13,15 @@ from http import HTTPStatus
 from importlib import resources
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, ORJSONResponse
+from kserve.logging import logger
 from kserve.model_server import ModelServer, app
 from kserve.protocol.dataplane import DataPlane
 
 from bincount.config import ServeConfig
-from bincount.serve.errors import RequestError, request_error_handler
+from bincount.serve.errors import (ClientErrorsAsWarnings, RequestError, log_refusal, request_error_handler,
+                                   validation_error_handler)
 
 BINARY_EXTENSION_HEADER = b"inference-header-content-length"
 
@@ -36,6 +39,8 @@ def install(cfg: ServeConfig) -> None:
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
     app.add_middleware(RequestGuard, max_body=cfg.max_body_bytes)
     app.add_exception_handler(RequestError, request_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    logger.addFilter(ClientErrorsAsWarnings())
 
 
 class Server(ModelServer):
@@ -78,6 +83,7 @@ class RequestGuard:
         elif not length.isdigit() or int(length) > self.max_body:
             refusal = self._too_large()
         if refusal:
+            log_refusal(f"{scope['method']} {scope['path']}", refusal.status, refusal.reason)
             await _drain(receive, 0)
             response = ORJSONResponse(status_code=refusal.status, content={"error": refusal.reason})
             return await response(scope, receive, send)
