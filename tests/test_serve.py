@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from bincount.processes import free_port
@@ -66,6 +67,12 @@ class Server:
 
     def get(self, path: str) -> tuple[int, dict]:
         return self.request("GET", path)
+
+    def binary(self, body: bytes, header_length: int | None = None) -> tuple[int, dict]:
+        """A V2 request in the binary tensor data extension: a JSON header (its length in a header), raw bytes."""
+        length = len(body.split(b"}]}", 1)[0]) + 3 if header_length is None else header_length
+        return self.request("POST", "/v2/models/bincount/infer", body,
+                            {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(length)})
 
 
 def b64(data: bytes) -> str:
@@ -267,6 +274,38 @@ def test_v2_bytes(server, offline, photos):
                         for c, p in zip(outputs["count"]["data"], probabilities.tolist())], expected)
 
 
+def test_kserves_own_rest_client_v1_and_v2(server, offline, photos):
+    """kserve's InferenceRESTClient as a user writes it: V2 with BYTES as raw image files (the binary data
+    extension, its default), V2 with base64 strings in JSON, and V1."""
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    datas = ([d for d, _ in photos] or [drawn_jpeg(s) for s in range(3)])[:3]
+    expected = offline(datas)
+    base = f"http://127.0.0.1:{server.port}"
+
+    def v2_request(values: list, binary: bool) -> InferRequest:
+        tensor = InferInput("image", [len(values)], "BYTES")
+        tensor.set_data_from_numpy(np.array(values, dtype=np.object_), binary_data=binary)
+        return InferRequest("bincount", [tensor])
+
+    async def ask() -> tuple[list, dict]:
+        v2, v1 = InferenceRESTClient(RESTConfig(protocol="v2")), InferenceRESTClient(RESTConfig(protocol="v1"))
+        try:
+            answers = [await v2.infer(base, v2_request(datas, binary=True), model_name="bincount"),
+                       await v2.infer(base, v2_request([b64(d) for d in datas], binary=False), model_name="bincount")]
+            return answers, await v1.infer(base, {"instances": [image(d) for d in datas]}, model_name="bincount")
+        finally:
+            await v2.close()
+            await v1.close()
+
+    v2_answers, v1_answer = asyncio.run(ask())
+    assert_matches(v1_answer["predictions"], expected)
+    for answer in v2_answers:
+        outputs = {o.name: o.as_numpy() for o in answer.outputs}
+        assert_matches([{"count": int(c), "probabilities": dict(zip(map(str, CLASSES), p.tolist()))}
+                        for c, p in zip(outputs["count"], outputs["probabilities"])], expected)
+
+
 def test_url_instances(server, offline, image_server, trap):
     status, body = server.v1([{"url": f"{image_server.base}/photo.jpg"}, image(PHOTO)])
     assert status == 200, body
@@ -320,9 +359,22 @@ BAD_INPUTS = {
     "V2 not JSON": (lambda s: s.request("POST", "/v2/models/bincount/infer", b'{inputs'), 422, "JSON"),
     "unknown model": (lambda s: s.request("POST", "/v2/models/nope/infer", json.dumps(
         {"inputs": v2_input()}).encode()), 404, "nope does not exist"),
-    "V2 binary extension": (lambda s: s.request("POST", "/v2/models/bincount/infer", b'{"inputs": []}',
-                                                {"Inference-Header-Content-Length": "14"}), 415, "binary data"),
+    "V2 binary header past the body": (lambda s: s.binary(b'{"inputs": []}', header_length=99), 400,
+                                       "Inference-Header-Content-Length"),
+    "V2 binary data past the body": (lambda s: s.binary(binary_header(100) + b"short"), 400, "runs past"),
+    "V2 binary element past its data": (lambda s: s.binary(binary_header(8) + (1000).to_bytes(4, "little") +
+                                                           b"1234"), 400, "runs past"),
+    "V2 binary bytes after the data": (lambda s: s.binary(binary_header(0) + b"extra"), 400, "after"),
+    "V2 binary non-image bytes": (lambda s: s.binary(binary_header(8) + (4).to_bytes(4, "little") + b"%PDF"),
+                                  400, "not an image"),
+    "V2 binary FP32 input": (lambda s: s.binary(binary_header(4, datatype="FP32") + b"\0\0\0\0"), 400,
+                             "BYTES inputs only"),
 }
+
+
+def binary_header(size: int, datatype: str = "BYTES") -> bytes:
+    return json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": datatype,
+                                   "parameters": {"binary_data_size": size}}]}).encode()
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -2,7 +2,8 @@
 
 V1  POST /v1/models/<name>:predict  {"instances": [{"image": {"b64": "..."}}, {"url": "https://..."}]}
     → {"predictions": [{"count": 3, "probabilities": {"1": 0.05, ...}}, ...]}
-V2  POST /v2/models/<name>/infer    one BYTES input of shape [N]: `image` (base64 image files) or `url`
+V2  POST /v2/models/<name>/infer    one BYTES input of shape [N]: `image` (base64 image files; raw ones in the
+    binary data extension reach it as base64, see `binary`) or `url`
     → outputs `count` (INT32 [N]) and `probabilities` (FP32 [N, classes], columns in class order)
 
 The instances of a request are decoded in parallel and predicted as one batch; concurrent requests share

@@ -20,6 +20,7 @@ from kserve.model_server import ModelServer, app
 from kserve.protocol.dataplane import DataPlane
 
 from bincount.config import ServeConfig
+from bincount.serve import binary
 from bincount.serve.errors import (ClientErrorsAsWarnings, RequestError, log_refusal, request_error_handler,
                                    validation_error_handler)
 
@@ -61,11 +62,11 @@ CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'
 
 class RequestGuard:
     """Refuses a body over `max_body` bytes, by its Content-Length before storing any of it or, when it is
-    sent chunked, as soon as it grows past the limit; and refuses the V2 binary data extension, which kserve
-    0.21 turns into UTF-8 text (raw image bytes cannot survive that) and cannot parse safely.
+    sent chunked, as soon as it grows past the limit; and hands kserve a V2 request in the binary data extension
+    as the same request in plain JSON (`binary`), since kserve 0.21 would read its image files as UTF-8 text.
 
-    Before answering it reads and drops the rest of the body (up to `DRAIN_BYTES`): a client that is still
-    sending then reads the answer instead of a reset connection."""
+    Before refusing an oversized body it reads and drops the rest of it (up to `DRAIN_BYTES`): a client that is
+    still sending then reads the answer instead of a reset connection."""
 
     def __init__(self, app, max_body: int):
         self.app = app
@@ -76,17 +77,9 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"0")
-        refusal = None
-        if BINARY_EXTENSION_HEADER in headers:
-            refusal = RequestError("the V2 binary data extension is not supported: send BYTES data as base64 "
-                                   "strings in the JSON body", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
-        elif not length.isdigit() or int(length) > self.max_body:
-            refusal = self._too_large()
-        if refusal:
-            log_refusal(f"{scope['method']} {scope['path']}", refusal.status, refusal.reason)
+        if not length.isdigit() or int(length) > self.max_body:
             await _drain(receive, 0)
-            response = ORJSONResponse(status_code=refusal.status, content={"error": refusal.reason})
-            return await response(scope, receive, send)
+            return await _refuse(scope, receive, send, self._too_large())
         received = 0
 
         async def limited_receive():
@@ -100,11 +93,49 @@ class RequestGuard:
                     raise self._too_large()
             return message
 
-        await self.app(scope, limited_receive, send)
+        downstream = limited_receive
+        if BINARY_EXTENSION_HEADER in headers:
+            try:
+                body = binary.to_json(await _body(limited_receive), headers[BINARY_EXTENSION_HEADER])
+            except RequestError as e:
+                return await _refuse(scope, receive, send, e)
+            scope = {**scope, "headers": _json_headers(scope["headers"], len(body))}
+            downstream = _replay(body, receive)
+        await self.app(scope, downstream, send)
 
     def _too_large(self) -> RequestError:
         return RequestError(f"the request body is over this server's limit of {self.max_body} bytes",
                             HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
+
+async def _refuse(scope, receive, send, refusal: RequestError) -> None:
+    log_refusal(f"{scope['method']} {scope['path']}", refusal.status, refusal.reason)
+    await ORJSONResponse(status_code=refusal.status, content={"error": refusal.reason})(scope, receive, send)
+
+
+async def _body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _json_headers(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple[bytes, bytes]]:
+    replaced = {BINARY_EXTENSION_HEADER, b"content-type", b"content-length"}
+    return [(k, v) for k, v in headers if k not in replaced] + [
+        (b"content-type", b"application/json"), (b"content-length", str(length).encode())]
+
+
+def _replay(body: bytes, receive):
+    """The rewritten body as one message, then the client's own (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 DRAIN_BYTES = 64 << 20
