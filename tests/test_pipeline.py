@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,6 +168,16 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
     deployment = None
     try:
         run = _only_run_dir(tmp_path / "kfp")
+
+        # the console: one line per step and the steps' own output; kfp's whole log in the run's folder
+        assert_terse(done, ["download", "prepare", "tune", "train", "evaluate", "deploy"], "succeeded")
+        assert re.search(r"^  tune \| bincount tune: trial e2e-hpo-000-\w+ started", done.stdout, re.M), done.stdout
+        assert re.search(r"^  train \| \S+Z epoch=1 train_loss=", done.stdout, re.M), done.stdout
+        assert re.findall(r"^  download \| synthetic: +(\d+)%", done.stdout, re.M) == ["100"], done.stdout
+        assert f"  log         {run / 'pipeline.log'}" in summary
+        log = (run / "pipeline.log").read_text()
+        assert all(f"Executing task \x1b[96m'{step}'" in log for step in ("download", "deploy"))
+        assert log.count("Got executor_input") == 6 and "have no effect in the current local runner" in log
         store = tmp_path / "store"
 
         # data: 60 synthetic bins, balanced and split; the manifests in the artifact are the store's
@@ -242,14 +253,35 @@ def executor_output(run: Path, step: str) -> dict:
     return json.loads((run / step / "executor_output.json").read_text())
 
 
+def assert_terse(done: subprocess.CompletedProcess, steps: list[str], status: str) -> None:
+    """One line per step, the steps' own output under their names, none of kfp.local's JSON or warnings."""
+    for step in steps:
+        assert len(re.findall(rf"^{step} +{status} +\d+\.\d s", done.stdout, re.M)) == 1, (step, done.stdout)
+    for noise in ("executor_input", "KFP Executor", "Executing task", "outputs:", "-" * 20):
+        assert noise not in done.stdout, (noise, done.stdout)
+    assert "Warning" not in done.stderr, done.stderr
+    assert len(done.stdout.splitlines()) < 90, done.stdout
+
+
 def test_a_failing_step_stops_the_pipeline_with_its_own_error(tmp_path):
     done = _pipeline(tmp_path, "--images", "0")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == ("bincount: error: pipeline step download failed: synthetic: "
                                                     "n must be at least 1, got 0")
     assert "Traceback" not in done.stderr + done.stdout
-    assert "Executing task 'prepare'" not in done.stderr.replace("\x1b[96m", "").replace("\x1b[0m", "")
+    assert_terse(done, ["download"], "failed")
+    assert "prepare" not in done.stdout
+    log = _only_run_dir(tmp_path / "kfp") / "pipeline.log"
+    assert f"full log: {log}" in done.stdout
+    assert "Got executor_input" in log.read_text() and "Executing task \x1b[96m'prepare'" not in log.read_text()
     assert not (tmp_path / "store" / "datasets").exists()
+
+
+def test_verbose_shows_kfp_locals_whole_output(tmp_path):
+    done = _pipeline(tmp_path, "--images", "0", "--verbose")
+    assert done.returncode == 1
+    assert "Executing task \x1b[96m'download'" in done.stdout and "Got executor_input" in done.stdout
+    assert "Got executor_input" in (_only_run_dir(tmp_path / "kfp") / "pipeline.log").read_text()
 
 
 def test_an_empty_dataset_stops_the_pipeline_at_prepare(tmp_path, s3_server):

@@ -111,9 +111,12 @@ def cmd_pipeline_run(args: argparse.Namespace) -> None:
                               "(defaults: the quick start)", local_run.parameters())
     parser.add_argument("--pipeline-root", default=local_run.PIPELINE_ROOT,
                         help=f"where kfp.local keeps each step's artifacts (default {local_run.PIPELINE_ROOT})")
+    parser.add_argument("--verbose", action="store_true", help="show all of kfp.local's output as it runs (each "
+                        f"step's executor input and outputs); it always goes to {local_run.LOG_FILE} in the run's "
+                        "folder")
     options = vars(parser.parse_args(args.params))
-    root = options.pop("pipeline_root")
-    print(local_run.run(options, root).summary())
+    root, verbose = options.pop("pipeline_root"), options.pop("verbose")
+    print(local_run.run(options, root, verbose).summary())
 
 
 def cmd_pipeline_compile(args: argparse.Namespace) -> None:
