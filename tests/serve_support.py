@@ -76,6 +76,32 @@ def export_model(root: str | Path, photos: list[tuple[bytes, int]], inference: I
     return f"{root}/models/test"
 
 
+def jpeg_claiming(data: bytes, width: int, height: int) -> bytes:
+    """`data`, a JPEG, with its frame header (SOF) patched to claim `width` × `height`: the data stays as short as
+    it was, end marker and all."""
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return data[:i + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[i + 9:]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The addresses that TCP sockets listening on `port` are bound to, from Linux's /proc/net tables."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:          # 0A: LISTEN
+                raw = bytes.fromhex(address)                        # 32-bit words in the host's (little) byte order
+                found.add(socket.inet_ntop(family, b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))))
+    return found
+
+
 def png_of_size(width: int, height: int) -> bytes:
     """A few-KB PNG whose header claims width × height pixels: what a decompression bomb looks like."""
     out = io.BytesIO()

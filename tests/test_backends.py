@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from bincount import cli
 from bincount.backends import (Endpoint, KubernetesBackend, LocalBackend, TrainOutcome, get_backend,
                                train_args)
 from bincount.config import JobResources, ServeConfig, ServeJob, TrainConfig, TrainJob
@@ -16,6 +15,7 @@ from bincount.errors import BincountError, ConfigError
 from bincount.k8s.launch import INFERENCE_SERVICE, JobFailed
 from bincount.k8s.resources import pytorchjob
 from bincount.store import open_store
+from bincount.train import entry
 from training_data import make_store, tiny_config
 
 RUN = "bc-run"
@@ -29,10 +29,10 @@ def condition(kind: str, message: str = "") -> dict:
 
 
 def parsed(args: list[str]) -> TrainConfig:
-    return cli.train_config(cli.build_parser().parse_args(["train", *args]))
+    return entry.config(entry.parser().parse_args(args))
 
 
-def test_rendered_args_give_back_the_same_config_through_the_real_cli_parser():
+def test_rendered_args_give_back_the_same_config_through_the_trainers_parser():
     cfg = TrainConfig(store="s3://bincount/x", dataset="abid", run="r-1", arch="resnet34", weights="none",
                       classes=(1, 2, 3), image_size=96, epochs=3, lr=3e-4, momentum=0.8, warmup_epochs=0.5,
                       class_weights=[1.0, 2.5, 0.75], channels_last=True, feature_cache=False, resume=False,

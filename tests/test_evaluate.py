@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,23 @@ def test_evaluate_writes_metrics_confusion_matrix_and_png(trained, tmp_path, cap
     cm = json.loads((out / "confusion_matrix.json").read_text())["confusionMatrix"]
     assert [r["row"] for r in cm["rows"]] == metrics["confusion_matrix"]
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_finds_the_model_by_run_name_models_path_directory_and_uri(trained, tmp_path, s3_env, capsys):
+    """The four forms the README names; each evaluates the same model."""
+    store, cache = trained
+    bucket = s3_env.new_bucket("models")
+    for name in ("model.pt", "model.json"):
+        open_store(f"s3://{bucket}").put(f"models/evalrun/{name}", (Path(store) / "models/evalrun" / name).read_bytes())
+    results = []
+    for i, model in enumerate(("evalrun", "models/evalrun", f"{store}/models/evalrun", f"s3://{bucket}/models/evalrun")):
+        code = main(["evaluate", "--store", store, "--model", model, "--dataset", DATASET, "--out", str(tmp_path / str(i)),
+                     "--cache-dir", str(cache), "--workers", "0"])
+        assert code == 0, (model, capsys.readouterr().err)
+        metrics = json.loads((tmp_path / str(i) / "metrics.json").read_text())
+        assert metrics.pop("model") == model
+        results.append(metrics)
+    assert all(r == results[0] for r in results)
 
 
 def test_evaluate_without_a_model_fails_with_one_clear_error(trained, tmp_path, capsys):

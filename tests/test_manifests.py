@@ -230,6 +230,18 @@ def test_kserve_reaches_minio_through_correctly_spelled_annotations(kustomized):
         assert env["STORAGE_URI"].startswith(f"s3://{CLUSTER.bucket}/models/")
 
 
+def test_kserve_and_the_serving_image_run_the_predictor_on_every_interface(kustomized):
+    """`bincount serve` listens on loopback unless told otherwise; in a pod it must answer on the pod's address, on
+    the port the probes and KServe use. Both commands are read by the real CLI parser."""
+    dockerfile = (REPO / "images" / "serving" / "Dockerfile").read_text()
+    commands = [json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))]
+    commands += [c["args"] for o in objects(kustomized, "InferenceService") for c in o["spec"]["predictor"]["containers"]]
+    assert len(commands) == 1 + len(OVERLAYS) + 1
+    for args in commands:
+        parsed = cli.build_parser().parse_args(["serve", *args])
+        assert (parsed.host, parsed.port) == ("0.0.0.0", 8080), args
+
+
 def test_images_are_pinned(kustomized):
     images = {c["image"] for o in objects(kustomized) for c in containers(o)}
     assert {TRAINER_IMAGE, SERVING_IMAGE} <= images

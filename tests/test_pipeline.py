@@ -6,16 +6,20 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from bincount.processes import free_port
+from serve_support import listening_addresses
 
+from bincount import cli
 from bincount.config import TRAINER_IMAGE, ClusterConfig
 from bincount.k8s.resources import S3_CREDENTIALS, store_settings
 from bincount.kfp import stages
@@ -43,7 +47,16 @@ def test_a_changed_definition_is_drift(tmp_path):
     train = tmp_path / COMPONENTS_DIR / "train" / "component.yaml"
     train.write_text(train.read_text().replace("epochs", "epoch"))
     (tmp_path / PIPELINE_FILE).unlink()
-    assert sorted(drift(tmp_path)) == sorted([PIPELINE_FILE, COMPONENTS_DIR / "train" / "component.yaml"])
+    assert sorted(drift(tmp_path)) == [f"changed {COMPONENTS_DIR / 'train' / 'component.yaml'}",
+                                       f"missing {PIPELINE_FILE}"]
+
+
+def test_check_outside_a_checkout_says_the_files_are_missing_and_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["pipeline", "compile", "--check"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bincount: error: ") and err.count("\n") == 1, err
+    assert f"missing under {tmp_path}" in err and str(PIPELINE_FILE) in err and "differ" not in err, err
 
 
 def _specs() -> dict[str, dict]:
@@ -155,6 +168,16 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
     deployment = None
     try:
         run = _only_run_dir(tmp_path / "kfp")
+
+        # the console: one line per step and the steps' own output; kfp's whole log in the run's folder
+        assert_terse(done, ["download", "prepare", "tune", "train", "evaluate", "deploy"], "succeeded")
+        assert re.search(r"^  tune \| bincount tune: trial e2e-hpo-000-\w+ started", done.stdout, re.M), done.stdout
+        assert re.search(r"^  train \| \S+Z epoch=1 train_loss=", done.stdout, re.M), done.stdout
+        assert re.findall(r"^  download \| synthetic: +(\d+)%", done.stdout, re.M) == ["100"], done.stdout
+        assert f"  log         {run / 'pipeline.log'}" in summary
+        log = (run / "pipeline.log").read_text()
+        assert all(f"Executing task \x1b[96m'{step}'" in log for step in ("download", "deploy"))
+        assert log.count("Got executor_input") == 6 and "have no effect in the current local runner" in log
         store = tmp_path / "store"
 
         # data: 60 synthetic bins, balanced and split; the manifests in the artifact are the store's
@@ -213,6 +236,7 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
         deployment = json.loads(executor_output(run, "deploy")["parameterValues"]["Output"])
         assert deployment["deployed"] and deployment["model"] == str(store / "models" / "e2e")
         assert deployment["predict_url"] in summary and deployment["stop"] in summary
+        assert listening_addresses(urllib.parse.urlsplit(deployment["url"]).port) == {"127.0.0.1"}
         photo = (store / "raw" / "bin-images" / f"{rows['test'][0]['key']}.jpg").read_bytes()
         body = json.dumps({"instances": [{"image": {"b64": base64.b64encode(photo).decode()}}]}).encode()
         request = urllib.request.Request(deployment["predict_url"], body, {"Content-Type": "application/json"})
@@ -255,14 +279,35 @@ def executor_output(run: Path, step: str) -> dict:
     return json.loads((run / step / "executor_output.json").read_text())
 
 
+def assert_terse(done: subprocess.CompletedProcess, steps: list[str], status: str) -> None:
+    """One line per step, the steps' own output under their names, none of kfp.local's JSON or warnings."""
+    for step in steps:
+        assert len(re.findall(rf"^{step} +{status} +\d+\.\d s", done.stdout, re.M)) == 1, (step, done.stdout)
+    for noise in ("executor_input", "KFP Executor", "Executing task", "outputs:", "-" * 20):
+        assert noise not in done.stdout, (noise, done.stdout)
+    assert "Warning" not in done.stderr, done.stderr
+    assert len(done.stdout.splitlines()) < 90, done.stdout
+
+
 def test_a_failing_step_stops_the_pipeline_with_its_own_error(tmp_path):
     done = _pipeline(tmp_path, "--images", "0")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == ("bincount: error: pipeline step download failed: synthetic: "
                                                     "n must be at least 1, got 0")
     assert "Traceback" not in done.stderr + done.stdout
-    assert "Executing task 'prepare'" not in done.stderr.replace("\x1b[96m", "").replace("\x1b[0m", "")
+    assert_terse(done, ["download"], "failed")
+    assert "prepare" not in done.stdout
+    log = _only_run_dir(tmp_path / "kfp") / "pipeline.log"
+    assert f"full log: {log}" in done.stdout
+    assert "Got executor_input" in log.read_text() and "Executing task \x1b[96m'prepare'" not in log.read_text()
     assert not (tmp_path / "store" / "datasets").exists()
+
+
+def test_verbose_shows_kfp_locals_whole_output(tmp_path):
+    done = _pipeline(tmp_path, "--images", "0", "--verbose")
+    assert done.returncode == 1
+    assert "Executing task \x1b[96m'download'" in done.stdout and "Got executor_input" in done.stdout
+    assert "Got executor_input" in (_only_run_dir(tmp_path / "kfp") / "pipeline.log").read_text()
 
 
 def test_an_empty_dataset_stops_the_pipeline_at_prepare(tmp_path, s3_server):

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from bincount import cli
 from bincount.backends import train_args
 from bincount.config import TrainConfig, load_train_config, recipe_settings, recipes
 from bincount.errors import ConfigError
+from bincount.train import entry
 from bincount.train.loop import validate
 
 PLACE = ["--store", "/data", "--dataset", "abid", "--run", "r"]
 
 
 def parsed(*args: str) -> TrainConfig:
-    return cli.train_config(cli.build_parser().parse_args(["train", *args]))
+    return entry.config(entry.parser().parse_args(args))
 
 
 def test_packaged_recipes_are_valid_trainer_configs():

@@ -16,15 +16,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from bincount.processes import free_port
-from serve_support import CLASSES, ImageServer, drawn_jpeg, export_model, png_of_size, real_photos
+from serve_support import (CLASSES, ImageServer, drawn_jpeg, export_model, jpeg_claiming, listening_addresses,
+                           png_of_size, real_photos)
 
 from bincount.config import ServeConfig
 from bincount.devices import inference_precision
 from bincount.errors import BincountError
 from bincount.model.exported import ExportedModel
+from bincount.serve.errors import RequestError
+from bincount.serve.images import decode_image
 from bincount.serve.local import start
 from bincount.serve.predictor import BinCountModel
 
@@ -64,6 +68,12 @@ class Server:
 
     def get(self, path: str) -> tuple[int, dict]:
         return self.request("GET", path)
+
+    def binary(self, body: bytes, header_length: int | None = None) -> tuple[int, dict]:
+        """A V2 request in the binary tensor data extension: a JSON header (its length in a header), raw bytes."""
+        length = len(body.split(b"}]}", 1)[0]) + 3 if header_length is None else header_length
+        return self.request("POST", "/v2/models/bincount/infer", body,
+                            {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(length)})
 
 
 def b64(data: bytes) -> str:
@@ -145,6 +155,20 @@ def test_starting_again_in_the_same_workdir_replaces_the_server(tmp_path):
         for server in (first, other, second):
             if server:
                 server.stop()
+
+
+def test_a_local_server_listens_on_loopback_only(server):
+    """What `bincount serve` and the local deploy start is reachable from this machine, not from the network."""
+    assert listening_addresses(server.port) == {"127.0.0.1"}
+
+
+def test_host_names_the_address_to_listen_on(model_dir, tmp_path):
+    """The serving image and KServe's container listen on every interface, with --host 0.0.0.0."""
+    local = start(ServeConfig(model=model_dir, port=0, host="0.0.0.0"), tmp_path / "server")
+    try:
+        assert listening_addresses(local.port) == {"0.0.0.0"}
+    finally:
+        local.stop()
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +275,38 @@ def test_v2_bytes(server, offline, photos):
                         for c, p in zip(outputs["count"]["data"], probabilities.tolist())], expected)
 
 
+def test_kserves_own_rest_client_v1_and_v2(server, offline, photos):
+    """kserve's InferenceRESTClient as a user writes it: V2 with BYTES as raw image files (the binary data
+    extension, its default), V2 with base64 strings in JSON, and V1."""
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    datas = ([d for d, _ in photos] or [drawn_jpeg(s) for s in range(3)])[:3]
+    expected = offline(datas)
+    base = f"http://127.0.0.1:{server.port}"
+
+    def v2_request(values: list, binary: bool) -> InferRequest:
+        tensor = InferInput("image", [len(values)], "BYTES")
+        tensor.set_data_from_numpy(np.array(values, dtype=np.object_), binary_data=binary)
+        return InferRequest("bincount", [tensor])
+
+    async def ask() -> tuple[list, dict]:
+        v2, v1 = InferenceRESTClient(RESTConfig(protocol="v2")), InferenceRESTClient(RESTConfig(protocol="v1"))
+        try:
+            answers = [await v2.infer(base, v2_request(datas, binary=True), model_name="bincount"),
+                       await v2.infer(base, v2_request([b64(d) for d in datas], binary=False), model_name="bincount")]
+            return answers, await v1.infer(base, {"instances": [image(d) for d in datas]}, model_name="bincount")
+        finally:
+            await v2.close()
+            await v1.close()
+
+    v2_answers, v1_answer = asyncio.run(ask())
+    assert_matches(v1_answer["predictions"], expected)
+    for answer in v2_answers:
+        outputs = {o.name: o.as_numpy() for o in answer.outputs}
+        assert_matches([{"count": int(c), "probabilities": dict(zip(map(str, CLASSES), p.tolist()))}
+                        for c, p in zip(outputs["count"], outputs["probabilities"])], expected)
+
+
 def test_url_instances(server, offline, image_server, trap):
     status, body = server.v1([{"url": f"{image_server.base}/photo.jpg"}, image(PHOTO)])
     assert status == 200, body
@@ -277,6 +333,8 @@ BAD_INPUTS = {
     "non-image bytes": (lambda s: s.v1([image(b"%PDF-1.4 certainly not a photo")]), 400, "not an image"),
     "truncated JPEG": (lambda s: s.v1([image(PHOTO[: len(PHOTO) // 2])]), 400, "truncated or corrupt"),
     "corrupt JPEG header": (lambda s: s.v1([image(PHOTO[:200])]), 400, "truncated or corrupt"),
+    "JPEG header claiming more pixels than its data": (lambda s: s.v1([image(jpeg_claiming(PHOTO, 2000, 1500))]),
+                                                       400, "truncated or corrupt"),
     "empty image": (lambda s: s.v1([{"image": {"b64": ""}}]), 400, "empty"),
     "over the pixel cap": (lambda s: s.v1([image(png_of_size(2500, 2000))]), 413, "over the limit of 4.0 Mpx"),
     "decompression bomb": (lambda s: s.v1([image(png_of_size(20000, 20000))]), 413, "decompression bomb"),
@@ -297,21 +355,76 @@ BAD_INPUTS = {
     "V2 two inputs": (lambda s: s.v2(v2_input() + v2_input(name="url")), 400, "one input"),
     "V2 empty": (lambda s: s.v2(v2_input(shape=(0,), data=[])), 400, "no elements"),
     "V2 invalid base64": (lambda s: s.v2(v2_input(data=["%%%"])), 400, "invalid base64"),
-    "V2 malformed body": (lambda s: s.request("POST", "/v2/models/bincount/infer", b'{"inputs": 3}'), 422, ""),
-    "V2 binary extension": (lambda s: s.request("POST", "/v2/models/bincount/infer", b'{"inputs": []}',
-                                                {"Inference-Header-Content-Length": "14"}), 415, "binary data"),
+    "V2 malformed body": (lambda s: s.request("POST", "/v2/models/bincount/infer", b'{"inputs": 3}'), 422,
+                          "inference request"),
+    "V2 not JSON": (lambda s: s.request("POST", "/v2/models/bincount/infer", b'{inputs'), 422, "JSON"),
+    "unknown model": (lambda s: s.request("POST", "/v2/models/nope/infer", json.dumps(
+        {"inputs": v2_input()}).encode()), 404, "nope does not exist"),
+    "V2 binary header past the body": (lambda s: s.binary(b'{"inputs": []}', header_length=99), 400,
+                                       "Inference-Header-Content-Length"),
+    "V2 binary data past the body": (lambda s: s.binary(binary_header(100) + b"short"), 400, "runs past"),
+    "V2 binary element past its data": (lambda s: s.binary(binary_header(8) + (1000).to_bytes(4, "little") +
+                                                           b"1234"), 400, "runs past"),
+    "V2 binary bytes after the data": (lambda s: s.binary(binary_header(0) + b"extra"), 400, "after"),
+    "V2 binary non-image bytes": (lambda s: s.binary(binary_header(8) + (4).to_bytes(4, "little") + b"%PDF"),
+                                  400, "not an image"),
+    "V2 binary FP32 input": (lambda s: s.binary(binary_header(4, datatype="FP32") + b"\0\0\0\0"), 400,
+                             "BYTES inputs only"),
 }
+
+
+def binary_header(size: int, datatype: str = "BYTES") -> bytes:
+    return json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": datatype,
+                                   "parameters": {"binary_data_size": size}}]}).encode()
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gets_4xx_and_the_server_carries_on(server, case):
+    """...and one WARNING line in the server's log, no ERROR and no traceback: the client erred, not the server."""
     send, status, words = BAD_INPUTS[case]
+    logged = server.log.stat().st_size
     got, body = send(server)
     assert got == status, body
     message = body.get("error") or json.dumps(body.get("detail"))
     assert words in message, message
+    log = new_log_lines(server.log, logged)
+    assert not [line for line in log if " ERROR " in line or "Traceback" in line], log
+    warnings_ = [line for line in log if " WARNING " in line]
+    assert len(warnings_) == 1 and f"refused ({status})" in warnings_[0], log
     status, body = server.v1([image(PHOTO)])
     assert status == 200 and body["predictions"][0]["count"] in CLASSES
+
+
+def test_a_jpeg_whose_header_claims_4000x6000_is_refused_as_truncated():
+    """The case a user hit, at the default pixel cap: the header's size is allowed, the data cannot fill it."""
+    with pytest.raises(RequestError) as refused:
+        decode_image(jpeg_claiming(PHOTO, 4000, 6000), 64, ServeConfig(model="").max_pixels, "instances[0]")
+    assert refused.value.status == 400 and "truncated or corrupt" in refused.value.reason
+
+
+def new_log_lines(log: Path, offset: int) -> list[str]:
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", "replace").splitlines()
+
+
+def test_a_422_echoes_little_of_a_large_invalid_v2_body(server):
+    """A schema error names where the body is wrong and shows a short excerpt, not the body itself."""
+    body = json.dumps({"id": "big", "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                "data": "A" * 900_000}]}).encode()
+    logged = server.log.stat().st_size
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("POST", "/v2/models/bincount/infer", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        status, answer = response.status, response.read()
+    finally:
+        conn.close()
+    assert status == 422 and len(answer) < 4096, (status, len(answer))
+    detail = json.loads(answer)
+    assert "inputs" in detail["error"] and "data" in json.dumps(detail["detail"])
+    log = new_log_lines(server.log, logged)
+    assert sum(len(line) for line in log) < 4096 and not any(" ERROR " in line for line in log), log
 
 
 def chromium() -> tuple[str, str]:
@@ -372,9 +485,40 @@ def test_serve_cli_refuses_bad_options_in_one_line(server, tmp_path, capsys, mon
     def must_not_start(*_, **__):
         raise AssertionError("the server started despite a bad option")
 
-    monkeypatch.setattr(predictor, "ModelServer", must_not_start)
+    monkeypatch.setattr(predictor.web, "Server", must_not_start)
 
     argv = ["serve", *(a.format(tmp=tmp_path, model=server.model_dir) for a in args), "--port", str(free_port())]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("bincount: error: ") and words in err and err.count("\n") == 1, err
+
+
+def _must_not_run(*_, **__):
+    raise AssertionError("the server loaded the model or started despite a bad port")
+
+
+@pytest.mark.parametrize("port", ["65536", "99999", "0", "-1", "http"])
+def test_serve_refuses_a_port_outside_1_to_65535_before_loading_the_model(port, server, capsys, monkeypatch):
+    from bincount.cli import main
+    from bincount.serve import predictor
+
+    monkeypatch.setattr(predictor.BinCountModel, "load", _must_not_run)
+    monkeypatch.setattr(predictor.web, "Server", _must_not_run)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--model", server.model_dir, "--port", port])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --port: expected a TCP port 1-65535" in err and "Traceback" not in err, err
+
+
+def test_serve_refuses_a_config_files_port_outside_1_to_65535_in_one_line(server, tmp_path, capsys, monkeypatch):
+    from bincount.cli import main
+    from bincount.serve import predictor
+
+    monkeypatch.setattr(predictor.BinCountModel, "load", _must_not_run)
+    monkeypatch.setattr(predictor.web, "Server", _must_not_run)
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"model: {server.model_dir}\nport: 99999\n")
+    assert main(["serve", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err == "bincount: error: serve: port must be between 1 and 65535, got 99999\n", err

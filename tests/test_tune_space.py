@@ -19,6 +19,7 @@ from bincount import cli
 from bincount.config import ClusterConfig, JobResources, TuneJob, load_train_config
 from bincount.errors import ConfigError
 from bincount.k8s.resources import RUN_FLAG
+from bincount.train import entry
 from bincount.train.loop import METRIC_KEYS, metric_line
 from bincount.tune import local
 from bincount.tune.space import ALGORITHMS, Parameter, SearchSpace, load_space
@@ -105,7 +106,8 @@ def test_default_space_is_the_seeds_search_over_the_pretrained_lite_models_on_va
 @pytest.mark.parametrize("space", [load_space(), full_space()], ids=["default", "full"])
 def test_trial_command_reaches_the_trainer_as_the_local_trial_does(space, monkeypatch):
     """Katib's trial container, its trialParameters substituted, parsed by torchrun and then by the trainer's
-    own CLI, gives the trainer config of those values; the local twin runs the very same arguments."""
+    entry (what `-m bincount.train` runs), gives the trainer config of those values; the local twin runs the very
+    same arguments."""
     body = space.render("exp", "s3://bincount", "abid", ClusterConfig())
     template = body["spec"]["trialTemplate"]
     defined = {p["name"]: p["reference"] for p in template["trialParameters"]}
@@ -126,7 +128,7 @@ def test_trial_command_reaches_the_trainer_as_the_local_trial_does(space, monkey
 
         seen = []
         monkeypatch.setattr("bincount.train.loop.train", lambda cfg: seen.append(cfg) or _NotMain())
-        assert cli.main(["train", *torchrun.training_script_args]) == 0
+        assert entry.main(torchrun.training_script_args) == 0
         wanted = load_train_config(None, {"store": "s3://bincount", "dataset": "abid", "run": "exp-x7k2q9vb",
                                           **space.settings(values)})
         assert seen == [wanted]

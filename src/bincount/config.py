@@ -137,12 +137,19 @@ class TrainConfig:
     resume: bool = True
 
 
+# The TrainConfig keys that have a flag of their own in `bincount train` (the trainer's entry parses them); any
+# other key travels as `--set key=value`. The search space tunes only these.
+TRAIN_FLAGS = ("store", "dataset", "run", "recipe", "arch", "weights", "freeze", "image_size", "epochs", "batch_size", "lr",
+               "optimizer", "schedule", "weight_decay", "warmup_epochs", "label_smoothing", "precision", "patience",
+               "seed", "workers", "cache_dir", "device", "profile")
+
+
 @dataclass
 class EvaluateConfig:
     """Test-set metrics of an exported model, written to `out` (a local directory or store URI)."""
 
     store: str
-    model: str                                  # a model directory or URI, or a run name under STORE/models/
+    model: str                                  # RUN or models/RUN under the store, a model directory, or a URI
     dataset: str
     out: str
     split: str = "test"
@@ -484,6 +491,7 @@ class ServeConfig:
 
     model: str                                  # a model directory (KServe mounts /mnt/models) or store URI
     port: int = 8080
+    host: str = "127.0.0.1"                     # this machine only; the serving image and KServe say 0.0.0.0
     name: str = "bincount"                      # the model name in /v1/models/<name>:predict
     precision: str = "auto"                     # auto (bf16 where the CPU or GPU has it), bf16, fp32
     device: str = "auto"                        # auto, cpu, cuda

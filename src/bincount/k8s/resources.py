@@ -18,6 +18,7 @@ TRAIN_COMMAND = ["torchrun", "-m", "bincount.train"]
 TRAINER_CONTAINER = "pytorch"
 SERVING_CONTAINER = "kserve-container"
 SERVING_PORT = 8080
+SERVING_HOST = "0.0.0.0"                        # every interface: KServe routes to the pod's own address
 MODEL_DIR = "/mnt/models"
 RUN_AS = 10001
 # Katib's StdOut collector default; the trainer's metric lines (`epoch=3 val_accuracy=0.41`) match it.
@@ -261,7 +262,7 @@ def inference_service(name: str, storage_uri: str, serving: ServingResources,
         "image": serving.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["bincount", "serve"],
-        "args": ["--model", MODEL_DIR, "--port", str(SERVING_PORT)],
+        "args": ["--model", MODEL_DIR, "--host", SERVING_HOST, "--port", str(SERVING_PORT)],
         "env": [{"name": "STORAGE_URI", "value": storage_uri}],
         "ports": [{"name": "http1", "containerPort": SERVING_PORT, "protocol": "TCP"}],
         "resources": {"requests": serving.requests(), "limits": serving.limits()},

@@ -6,6 +6,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from bincount.errors import BincountError
+
 HEADER = ("# Compiled by `bincount pipeline compile` from src/bincount/kfp/. Edit the Python and recompile:\n"
           "# a test fails when this file and the definitions disagree.\n")
 PIPELINE_FILE = Path("pipelines") / "bin_counting.yaml"
@@ -42,7 +44,14 @@ def write(root: Path) -> list[Path]:
     return changed
 
 
-def drift(root: Path) -> list[Path]:
-    """The compiled specs whose committed copy under `root` differs from a fresh compile, or is missing."""
-    return [path for path, text in compiled().items()
-            if not (root / path).exists() or (root / path).read_text() != text]
+def drift(root: Path) -> list[str]:
+    """How the compiled specs under `root` differ from a fresh compile: `missing X`, `changed X`. With none of them
+    there, `root` is no checkout of bincount: an error that says where it looked."""
+    wanted = compiled()
+    missing = [path for path in wanted if not (root / path).is_file()]
+    if len(missing) == len(wanted):
+        raise BincountError(f"the compiled pipeline and components are missing under {root.resolve()} (looked for "
+                            f"{PIPELINE_FILE} and {COMPONENTS_DIR}/<step>/component.yaml); run this in a checkout "
+                            "of bincount, or point --root at one")
+    return [f"missing {path}" for path in missing] + [
+        f"changed {path}" for path, text in wanted.items() if path not in missing and (root / path).read_text() != text]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bincount.errors import BincountError, ConfigError
+from bincount.kfp.console import showing_steps
 from bincount.kfp.stages import STAGE_ERRORS_ENV
 
 # The local run's defaults where they differ from the pipeline's (which are a cluster's): synthetic bins into a
@@ -30,6 +31,7 @@ QUICKSTART: dict[str, Any] = {
     "parallel_trials": 1, "trial_epochs": 2, "workers": 1, "gpus_per_worker": 0, "backend": "local",
 }
 PIPELINE_ROOT = "local_outputs"                 # kfp.local's own default: where each step's artifacts land
+LOG_FILE = "pipeline.log"                       # in the run's folder under PIPELINE_ROOT: all of kfp.local's output
 
 
 class PipelineFailed(BincountError):
@@ -48,6 +50,7 @@ class PipelineRun:
     arguments: dict[str, Any]
     outputs: dict[str, Any]
     seconds: float
+    log: Path
 
     def summary(self) -> str:
         a, o = self.arguments, self.outputs
@@ -76,6 +79,7 @@ class PipelineRun:
         else:
             lines.append(f"  not deployed: {deployment['reason']}")
         lines.append(f"  artifacts   {Path(o['model'].path).parent.parent}")
+        lines.append(f"  log         {self.log} (every step's whole output; --verbose shows it as it runs)")
         return "\n".join(lines)
 
 
@@ -83,7 +87,9 @@ def _json(artifact: Any) -> dict[str, Any]:
     return json.loads(Path(artifact.path).read_text())
 
 
-def run(arguments: Mapping[str, Any], pipeline_root: str = PIPELINE_ROOT) -> PipelineRun:
+def run(arguments: Mapping[str, Any], pipeline_root: str = PIPELINE_ROOT, verbose: bool = False) -> PipelineRun:
+    """The pipeline, to its end or its first failed step, showing one line per step (`console`), or all of
+    kfp.local's output with `verbose`; the whole output goes to `pipeline.log` in the run's folder."""
     from kfp import local
 
     from bincount.kfp.pipeline import bin_counting
@@ -96,24 +102,37 @@ def run(arguments: Mapping[str, Any], pipeline_root: str = PIPELINE_ROOT) -> Pip
     if "://" not in args["store"]:
         args["store"] = str(Path(args["store"]).resolve())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root)
-    start = time.monotonic()
+    root = Path(pipeline_root)
+    root.mkdir(parents=True, exist_ok=True)
+    earlier, log_path = set(root.iterdir()), root / f"pipeline-{os.getpid()}.log"
+    start, failure = time.monotonic(), None
     with tempfile.TemporaryDirectory(prefix="bincount-pipeline-") as errors, _env(STAGE_ERRORS_ENV, errors), \
-            warnings.catch_warnings():
+            open(log_path, "w") as log, showing_steps(log, verbose):
         # kfp.local warns about every base image without "python" in its name; ours carries Python
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
             task = bin_counting(**args)
         except RuntimeError as e:
-            raise PipelineFailed(_failure(Path(errors), e)) from None
-    return PipelineRun(args, dict(task.outputs), time.monotonic() - start)
+            failure = _failure(Path(errors), e)
+    log_path = _keep_log(root, earlier, log_path)
+    if failure is not None:
+        print(f"full log: {log_path}", flush=True)
+        raise PipelineFailed(failure)
+    return PipelineRun(args, dict(task.outputs), time.monotonic() - start, log_path)
 
 
 def _failure(errors: Path, error: RuntimeError) -> str:
-    """The failed step's own message when it left one, else kfp's (whose log of the step is above)."""
+    """The failed step's own message when it left one, else kfp's (the step's output is in the full log)."""
     reports = sorted(errors.glob("*.txt"))
     if not reports:
-        return f"{error} (its log is above)"
+        return f"{error} (the step's output is in the full log)"
     return "; ".join(f"pipeline step {p.stem.replace('_', '-')} failed: {p.read_text()}" for p in reports)
+
+
+def _keep_log(root: Path, earlier: set[Path], log: Path) -> Path:
+    """The log moves into the run's own folder: the one folder kfp.local made under `root` during the run."""
+    made = [p for p in root.iterdir() if p.is_dir() and p not in earlier]
+    return log.rename(made[0] / LOG_FILE) if len(made) == 1 else log
 
 
 @contextlib.contextmanager

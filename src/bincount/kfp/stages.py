@@ -8,7 +8,8 @@ in the store; artifacts carry its location in their metadata plus small copies w
 
 A step that fails with a `BincountError` prints one `bincount: error:` line and exits 1, without a traceback;
 when `BINCOUNT_STAGE_ERRORS` names a directory (`bincount pipeline run` sets it) the message is also written
-there, so the local run can name the failed stage and its reason.
+there, so the local run can name the failed stage and its reason. A step that succeeds ends with one
+`bincount: step result:` line, which the local run shows on the step's line.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bincount.errors import BincountError, ConfigError
 from bincount.store import Store, open_store
 
 STAGE_ERRORS_ENV = "BINCOUNT_STAGE_ERRORS"
+RESULT = "bincount: step result: "
 SOURCES = ("abid", "synthetic")
 RUN_RE = re.compile(r"^[a-z]([-a-z0-9]{0,28}[a-z0-9])?$")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,6 +53,10 @@ def stage(fn: F) -> F:
                 Path(errors, f"{fn.__name__}.txt").write_text(str(e))
             raise SystemExit(1) from None
     return run  # type: ignore[return-value]
+
+
+def _result(line: str) -> None:
+    print(RESULT + line, flush=True)
 
 
 def run_id(run_name: str, job_id: str) -> str:
@@ -107,6 +113,7 @@ def download(source: str, store: str, images: int, file_list: str, source_endpoi
     raw.metadata.update({"store": url, "source": source, "images": sum(counts.values()), "per_class": counts})
     Path(raw.path).write_text(json.dumps({"store": url, "prefix": "raw/", "source": source,
                                           "per_class": counts}, indent=2) + "\n")
+    _result(f"{sum(counts.values())} {source} image pairs in {open_store(store).url('raw/')}")
 
 
 @stage
@@ -130,6 +137,8 @@ def prepare(raw: Any, name: str, balance: str, split: str, seed: int, splits: An
     _fetch(source, {Path(eda_html.path): f"{report_prefix(name)}/report.html",
                     Path(eda_markdown.path): f"{report_prefix(name)}/report.md"})
     eda_html.metadata["uri"] = report.uri
+    _result(f"dataset {name}: train {sizes['train']}, val {sizes['val']}, test {sizes['test']}; EDA report "
+            f"{report.uri}")
 
 
 def search_space(path: str, experiment: str, trials: int, parallel_trials: int, trial: dict[str, Any],
@@ -179,6 +188,9 @@ def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, reci
         f"# Hyperparameter search {experiment}\n\n{len(result.trials)} trials on the {backend} backend, "
         f"objective {chosen['objective']['metric']} ({chosen['objective']['goal']}); results in "
         f"`{result.location}`.\n\n```\n{result.table()}\n```\n")
+    objective = chosen["objective"]
+    _result(f"best of {len(result.trials)} trials: {_settings(chosen['parameters'])}, {objective['metric']} "
+            f"{objective['value']:.4f}")
 
 
 @stage
@@ -202,6 +214,8 @@ def train(splits: Any, best: Any, backend: str, run_name: str, job_id: str, epoc
                            "reports": open_store(store).url(f"reports/{run}")})
     for name, value in outcome.metrics.items():
         metrics.log_metric(name, value)
+    _result(f"model {outcome.model}, best epoch {meta['best_epoch']}: "
+            f"{_settings({k: v for k, v in outcome.metrics.items() if k.startswith('val_')})}")
 
 
 @stage
@@ -224,6 +238,7 @@ def evaluate(splits: Any, model: Any, test_metrics: Any, confusion_matrix: Any, 
     Path(evaluation_report.path).write_text(
         f"# Test metrics of {run}\n\n{result.summary()}\n\n| items | precision | recall | F1 | images |\n"
         f"|---|---|---|---|---|\n{rows}\n")
+    _result(f"test accuracy {m['accuracy']:.4f}, MAE {m['mae']:.3f} on {m['samples']} images")
     return float(m["accuracy"])
 
 
@@ -238,11 +253,16 @@ def deploy(model: Any, backend: str, name: str, accuracy: float) -> str:
     record = {"deployed": True, "name": name, "url": endpoint.url, "predict_url": endpoint.predict_url,
               "stop": endpoint.stop_hint, "model": model.metadata["store_uri"], "test_accuracy": accuracy}
     print(f"deployed {record['model']} at {endpoint.predict_url} (stop it with: {endpoint.stop_hint})", flush=True)
+    _result(f"serving at {endpoint.predict_url}")
     return json.dumps(record)
 
 
 @stage
 def skip_deploy(accuracy: float, threshold: float) -> str:
     reason = f"test accuracy {accuracy:.4f} is below the deploy threshold {threshold:.4f}"
-    print(f"not deployed: {reason}", flush=True)
+    _result(f"not deployed: {reason}")
     return json.dumps({"deployed": False, "reason": reason, "test_accuracy": accuracy})
+
+
+def _settings(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())

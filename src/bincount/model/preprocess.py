@@ -2,7 +2,8 @@
 the server all call, so the same photo becomes the same tensor everywhere.
 
 The size is read from the header and checked against the pixel cap before anything is decoded, so a
-decompression bomb (a small file that decodes to gigabytes) costs nothing. JPEGs are decoded at the smallest
+decompression bomb (a small file that decodes to gigabytes) costs nothing; a JPEG whose header claims more pixels
+than its data can hold is refused as truncated, as a cut-off one is. JPEGs are decoded at the smallest
 DCT scale that still covers the output (Pillow's draft mode), which makes a 12-megapixel phone photo cheap.
 The whole photo is then stretched to a square: a crop could cut items out of the bin and change its count.
 """
@@ -49,12 +50,22 @@ def read_image(data: bytes, size: int, max_pixels: int | None = None) -> torch.T
         if max_pixels is not None and width * height > max_pixels:
             raise ImageError("too-large", f"the image is {width}×{height} px ({width * height / 1e6:.1f} Mpx), "
                                           f"over the limit of {max_pixels / 1e6:.1f} Mpx")
+        if image.format == "JPEG" and len(data) * 8 < _blocks(width, height):
+            raise ImageError("corrupt", f"the JPEG image is truncated or corrupt ({len(data)} bytes cannot hold "
+                                        f"{width}×{height} px)")
         try:
             image.draft("RGB", (size, size))
             rgb = np.array(image.convert("RGB"))
         except CORRUPT as e:
             raise ImageError("corrupt", f"the {image.format} image is truncated or corrupt ({e})") from None
     return resize(torch.from_numpy(rgb).permute(2, 0, 1), size)
+
+
+def _blocks(width: int, height: int) -> int:
+    """8×8 blocks in a full-resolution JPEG component. Huffman coding spends at least one bit on each (its DC
+    coefficient has a code of its own), so fewer bytes than blocks / 8 cannot be a whole image: libjpeg would
+    decode up to the end marker and fill the rest, and Pillow would not say so."""
+    return -(-width // 8) * -(-height // 8)
 
 
 def resize(image: torch.Tensor, size: int) -> torch.Tensor:

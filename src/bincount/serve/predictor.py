@@ -2,12 +2,14 @@
 
 V1  POST /v1/models/<name>:predict  {"instances": [{"image": {"b64": "..."}}, {"url": "https://..."}]}
     → {"predictions": [{"count": 3, "probabilities": {"1": 0.05, ...}}, ...]}
-V2  POST /v2/models/<name>/infer    one BYTES input of shape [N]: `image` (base64 image files) or `url`
+V2  POST /v2/models/<name>/infer    one BYTES input of shape [N]: `image` (base64 image files; raw ones in the
+    binary data extension reach it as base64, see `binary`) or `url`
     → outputs `count` (INT32 [N]) and `probabilities` (FP32 [N, classes], columns in class order)
 
 Counts and probabilities are the exported model's own (`bincount.model.exported`): its preprocessing,
 test-time augmentation, calibration and decoding, as evaluate applies them. The instances of a request are
-decoded in parallel and predicted as one batch; concurrent requests share forward passes (see `batcher`). Anything wrong with a request is a `RequestError` with a 4xx status.
+decoded in parallel and predicted as one batch; concurrent requests share forward passes (see `batcher`).
+Anything wrong with a request is a `RequestError` with a 4xx status.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from http import HTTPStatus
 import numpy as np
 import orjson
 import torch
-from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+from kserve import InferOutput, InferRequest, InferResponse, Model
 
 from bincount.config import ServeConfig
 from bincount.devices import pick_device
@@ -203,8 +205,10 @@ def _json(body: bytes | str, headers: dict | None) -> object:
 def check(cfg: ServeConfig) -> None:
     problems = [f"{name} must be at least {low}, got {getattr(cfg, name)}"
                 for name, low in (("max_batch", 1), ("max_body_bytes", 1024), ("max_pixels", 1), ("threads", 0),
-                                  ("url_max_bytes", 1), ("url_max_redirects", 0), ("port", 0))
+                                  ("url_max_bytes", 1), ("url_max_redirects", 0))
                 if getattr(cfg, name) < low]
+    if not 1 <= cfg.port <= 65535:
+        problems.append(f"port must be between 1 and 65535, got {cfg.port}")
     if cfg.url_timeout <= 0:
         problems.append(f"url_timeout must be positive, got {cfg.url_timeout}")
     if problems:
@@ -212,8 +216,8 @@ def check(cfg: ServeConfig) -> None:
 
 
 def serve(cfg: ServeConfig) -> None:
-    """Load and warm up the model, then serve it on `cfg.port` until SIGTERM or Ctrl-C."""
+    """Load and warm up the model, then serve it on `cfg.host`:`cfg.port` until SIGTERM or Ctrl-C."""
     model = BinCountModel(cfg)
     model.load()
     web.install(cfg)
-    ModelServer(http_port=cfg.port, enable_grpc=False, workers=1).start([model])
+    web.Server(cfg.host, http_port=cfg.port, enable_grpc=False, workers=1).start([model])

@@ -1,7 +1,7 @@
-"""`python -m bincount.train` / `torchrun -m bincount.train`: the same flags as `bincount train`."""
+"""`python -m bincount.train` / `torchrun -m bincount.train`: the trainer's entry, with the flags of `bincount train`."""
 
 import sys
 
-from bincount.cli import main
+from bincount.train.entry import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+sys.exit(main(sys.argv[1:]))

@@ -47,12 +47,13 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from bincount import cli, processes
+from bincount import processes
 from bincount.config import TuneJob
 from bincount.data.dataset import default_cache_root
 from bincount.errors import BincountError, ConfigError
 from bincount.k8s.resources import METRICS_FORMAT, RUN_FLAG
 from bincount.store import KeyNotFoundError, Store, open_store
+from bincount.train import entry
 from bincount.train.loop import checkpoint_key
 from bincount.tune import results
 from bincount.tune.results import Progress, TrialRecord, TuneResult, say
@@ -62,8 +63,8 @@ METRIC = re.compile(METRICS_FORMAT)
 RUN_ATTR, RESUMES_ATTR, MESSAGE_ATTR, METRICS_ATTR, KILLED_ATTR = "run", "resumes", "message", "metrics", "killed"
 SPACE_ATTR = "space"
 KILL_GRACE = 20.0
-# What a forked trial runs, imported once by the fork server: this module, which imports the trainer and the
-# CLI that parses its flags, and the plotting library that draws the trainer's report.
+# What a forked trial runs, imported once by the fork server: this module, which imports the trainer and its
+# entry that parses the flags, and the plotting library that draws the trainer's report.
 PRELOAD = ("bincount.tune.local", "matplotlib.pyplot")
 
 
@@ -217,7 +218,7 @@ def _trainer(args: list[str], stdout: Connection, log: str, env: dict[str, str])
     os.environ.clear()
     os.environ.update(env)
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    sys.exit(cli.main(["train", *args]))
+    sys.exit(entry.main(args))
 
 
 def _fork_server() -> multiprocessing.context.ForkServerContext:

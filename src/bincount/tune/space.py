@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from bincount.cli import TRAIN_FLAGS
-from bincount.config import ClusterConfig, JobResources, TrainConfig, from_dict, load_config, load_train_config
+from bincount.config import (TRAIN_FLAGS, ClusterConfig, JobResources, TrainConfig, from_dict, load_config,
+                             load_train_config)
 from bincount.data.prepare import dataset_key
 from bincount.errors import ConfigError
 from bincount.k8s.resources import ExperimentSpec, SearchParameter, experiment
