@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from bincount.config import (ClusterConfig, ServeJob, TrainConfig, TrainJob, TuneJob, is_packaged_recipe,
+from bincount.config import (AuditConfig, ClusterConfig, ServeJob, TrainConfig, TrainJob, TuneJob, is_packaged_recipe,
                              load_train_config, to_dict)
 from bincount.errors import BincountError, ConfigError
 from bincount.k8s.resources import RUN_FLAG
 from bincount.store import KeyNotFoundError, open_store
 
 if TYPE_CHECKING:
+    from bincount.audit.report import AuditResult
     from bincount.k8s.launch import Cluster
     from bincount.tune.results import TuneResult
 
@@ -51,6 +52,7 @@ class Backend(Protocol):
     def train(self, job: TrainJob) -> TrainOutcome: ...
     def tune(self, job: TuneJob) -> TuneResult: ...
     def serve(self, job: ServeJob) -> Endpoint: ...
+    def audit(self, cfg: AuditConfig) -> AuditResult: ...
 
 
 def train_args(cfg: TrainConfig) -> list[str]:
@@ -127,6 +129,11 @@ class LocalBackend:
         workdir = Path(job.workdir or tempfile.mkdtemp(prefix="bincount-serve-"))
         server = start(job.serve, workdir, timeout_s=job.timeout)
         return Endpoint(server.url, server.predict_url, f"kill {server.proc.pid}", server.stop)
+
+    def audit(self, cfg: AuditConfig) -> AuditResult:
+        from bincount.audit.local import run_local
+
+        return run_local(cfg)
 
 
 class KubernetesBackend:

@@ -1,0 +1,38 @@
+"""The audit on this machine: the plan, then `workers` processes (one runs in this process) auditing every
+`workers`-th shard each, then the merged report. Several processes split the CPU's cores between them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from bincount.audit.plan import make_plan
+from bincount.audit.report import AuditResult, write_report
+from bincount.audit.worker import run_worker
+from bincount.config import AuditConfig
+from bincount.errors import BincountError
+
+
+def worker_argv(cfg: AuditConfig, name: str, index: int | None, count: int) -> list[str]:
+    """`bincount audit worker` for one worker; with index None the worker reads JOB_COMPLETION_INDEX (a pod of an
+    indexed Job)."""
+    argv = ["audit", "worker", "--store", cfg.store, "--name", name, "--count", str(count),
+            "--batch-size", str(cfg.batch_size), "--threads", str(cfg.threads), "--device", cfg.device]
+    return argv + ([] if index is None else ["--index", str(index)])
+
+
+def run_local(cfg: AuditConfig) -> AuditResult:
+    plan = make_plan(cfg)
+    if cfg.workers == 1:
+        run_worker(cfg, plan.name)
+    else:
+        threads = str(max(1, (os.cpu_count() or 1) // cfg.workers))
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        # Their progress bars and errors go to this process's stderr as they happen.
+        procs = [subprocess.Popen([sys.executable, "-m", "bincount.cli", *worker_argv(cfg, plan.name, i, cfg.workers)],
+                                  env=env, stdin=subprocess.DEVNULL) for i in range(cfg.workers)]
+        failed = [f"worker {i} (exit status {code})" for i, code in enumerate(p.wait() for p in procs) if code]
+        if failed:
+            raise BincountError(f"audit {plan.name}: {', '.join(failed)} failed, as reported above; rerun to resume")
+    return write_report(cfg.store, plan.name, cfg.threshold, cfg.top)
