@@ -180,6 +180,9 @@ def test_modified_after_and_after_select_among_all(audited_store, tmp_path):
     assert [r["key"] for r in _records(store, "late")] == [keys[3]]
     assert _audit(store, "--all", "--after", "zz-nine", "--name", "after") == 0
     assert [r["key"] for r in _records(store, "after")] == ["zz-nometa", "zz-noqty"]
+    os.utime(store / f"raw/bin-images/{keys[5]}.jpg")                                  # now
+    assert _audit(store, "--all", "--modified-after", "1d", "--name", "day-{date}") == 0
+    assert [r["key"] for r in _records(store, f"day-{time.strftime('%Y-%m-%d', time.gmtime())}")] == [keys[5]]
 
 
 def _worker_run(root: Path, name: str, *extra: str) -> subprocess.Popen:

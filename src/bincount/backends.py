@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from bincount.config import (AuditConfig, ClusterConfig, ServeJob, TrainConfig, TrainJob, TuneJob, is_packaged_recipe,
-                             load_train_config, to_dict)
+from bincount.config import (AuditConfig, ClusterConfig, JobResources, ServeJob, TrainConfig, TrainJob, TuneJob,
+                             is_packaged_recipe, load_train_config, to_dict)
 from bincount.errors import BincountError, ConfigError
 from bincount.k8s.resources import RUN_FLAG
 from bincount.store import KeyNotFoundError, open_store
@@ -139,9 +139,11 @@ class LocalBackend:
 class KubernetesBackend:
     """One namespace of the cluster in `config`; it connects (in-cluster or via kubeconfig) on first use."""
 
-    def __init__(self, cluster: Cluster | None = None, config: ClusterConfig | None = None):
+    def __init__(self, cluster: Cluster | None = None, config: ClusterConfig | None = None,
+                 audit_resources: JobResources | None = None):
         self._cluster = cluster
         self.config = cluster.config if cluster is not None else config or ClusterConfig()
+        self.audit_resources = audit_resources or JobResources()
 
     @property
     def cluster(self) -> Cluster:
@@ -165,6 +167,13 @@ class KubernetesBackend:
         from bincount.tune.katib import run_katib
 
         return run_katib(job, self.cluster)
+
+    def audit(self, cfg: AuditConfig) -> AuditResult:
+        """An indexed Job of `cfg.workers` pods, each sized by `audit_resources`; the plan and report are made here."""
+        from bincount.audit.kubernetes import run_kubernetes
+
+        _needs_s3(cfg.store, "an audit")
+        return run_kubernetes(cfg, self.cluster, self.config, self.audit_resources)
 
     def serve(self, job: ServeJob) -> Endpoint:
         from bincount.k8s.launch import INFERENCE_SERVICE

@@ -75,7 +75,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_audit(args: argparse.Namespace) -> None:
     cfg = load_config(AuditConfig, args.config, _options(
         args, "store", "model", "name", "dataset", "split", "ids", "all", "after", "modified_after", "expected",
-        "shard_size", "workers", "batch_size", "threads", "device", "precision", "threshold", "top"))
+        "shard_size", "workers", "batch_size", "threads", "device", "precision", "threshold", "top", "timeout", "poll"))
     print(get_backend(args.backend).audit(cfg).line())
 
 
@@ -317,10 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--ids", nargs="+", help="bin ids (strings: 221 and 00221 differ); @FILE reads one per line")
     sel.add_argument("--all", action="store_true", default=None, help="every image under raw/bin-images/")
     sel.add_argument("--after", help="with --all: only keys that sort after this one")
-    sel.add_argument("--modified-after", help="with --all: only images written after this ISO 8601 time")
+    sel.add_argument("--modified-after", help="with --all: only images written after this ISO 8601 time, or "
+                     "in the last AGE (24h, 7d)")
     p.add_argument("--expected", help="metadata (ABID's EXPECTED_QUANTITY, the default) or a CSV file with header "
                    "key,expected")
-    p.add_argument("--name", help="audit name (default audit-MODEL); rerun the same name to resume")
+    p.add_argument("--name", help="audit name (default audit-MODEL; {date} becomes today's UTC date); rerun the "
+                   "same name to resume")
     p.add_argument("--backend", choices=list(BACKENDS), default="local",
                    help="local: worker processes here; kubernetes: an indexed Job, one pod per worker")
     p.add_argument("--workers", type=int, help="worker processes (local) or pods (kubernetes) (default 1)")
@@ -332,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default auto: bf16 where fast, as `bincount serve` does")
     p.add_argument("--threshold", type=float, help="p_mismatch at or above which a bin is flagged (default 0.5)")
     p.add_argument("--top", type=int, help="bins shown with photos in the report (default 50)")
+    p.add_argument("--timeout", type=float, help="kubernetes: seconds to follow the Job (default: to the end)")
+    p.add_argument("--poll", type=float, help="kubernetes: seconds between status reads (default 10)")
     _add_config(p)
     p.set_defaults(func=cmd_audit)
     audit_cmds = p.add_subparsers(dest="command")

@@ -177,7 +177,7 @@ class AuditConfig:
     ids: list[str] = field(default_factory=list)
     all: bool = False
     after: str = ""                             # with all: only keys sorting after this one
-    modified_after: str = ""                    # with all: only images written after this ISO 8601 time
+    modified_after: str = ""                    # with all: only images written after this ISO 8601 time or age (24h)
     expected: str = "metadata"                  # metadata, or a CSV file (local path or store URI): key,expected
     shard_size: int = 512                       # bins per result shard: the unit of resumption and of a worker
     workers: int = 1                            # local: processes; kubernetes: pods of the indexed Job
@@ -188,6 +188,8 @@ class AuditConfig:
     max_pixels: int = 24_000_000
     threshold: float = 0.5                      # p_mismatch at or above which a bin is flagged
     top: int = 50                               # bins shown with thumbnails in the report
+    timeout: float = 0.0                        # kubernetes: seconds to follow the indexed Job; 0: until it ends
+    poll: float = 10.0                          # kubernetes: seconds between status reads
 
 
 @dataclass

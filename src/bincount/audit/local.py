@@ -27,7 +27,9 @@ def run_local(cfg: AuditConfig) -> AuditResult:
     if cfg.workers == 1:
         run_worker(cfg, plan.name)
     else:
-        threads = str(max(1, (os.cpu_count() or 1) // cfg.workers))
+        # The cores to share: OMP_NUM_THREADS where set (a pod's CPU limit), else this machine's.
+        cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        threads = str(max(1, cores // cfg.workers))
         env = dict(os.environ, OMP_NUM_THREADS=threads)
         # Their progress bars and errors go to this process's stderr as they happen.
         procs = [subprocess.Popen([sys.executable, "-m", "bincount.cli", *worker_argv(cfg, plan.name, i, cfg.workers)],

@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,8 +55,18 @@ class Plan:
         return [json.loads(line) for line in text.splitlines()]
 
 
+AGE = re.compile(r"^(\d+)([hd])$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 def default_name(cfg: AuditConfig) -> str:
-    return cfg.name or f"audit-{Path(cfg.model.rstrip('/')).name}"
+    """`--name` with `{date}` replaced by today's UTC date (a scheduled audit's runs each get their own), or
+    audit-<model's run>."""
+    name = (cfg.name or f"audit-{Path(cfg.model.rstrip('/')).name}").replace(
+        "{date}", time.strftime("%Y-%m-%d", time.gmtime()))
+    if not NAME.match(name) or len(name) > 200:
+        raise ConfigError(f"audit: name {name!r} must be letters, digits, '.', '_' and '-'")
+    return name
 
 
 def make_plan(cfg: AuditConfig) -> Plan:
@@ -123,10 +135,15 @@ def _valid_key(key: str) -> bool:
 
 
 def _since(text: str) -> float:
+    """An ISO 8601 time, or an age such as 24h or 7d before now."""
+    age = AGE.match(text)
+    if age:
+        return time.time() - int(age[1]) * (3600 if age[2] == "h" else 86400)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise ConfigError(f"audit: --modified-after {text!r} is not an ISO 8601 time like 2025-01-31T12:00:00Z")
+        raise ConfigError(f"audit: --modified-after {text!r} is not an ISO 8601 time like 2025-01-31T12:00:00Z "
+                          "nor an age like 24h or 7d") from None
     return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
 
 
