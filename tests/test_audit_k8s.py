@@ -17,6 +17,7 @@ import yaml
 from k8s_validation import CRDS, Validator
 
 from bincount import cli
+from bincount.audit import audit
 from bincount.audit.kubernetes import job_name
 from bincount.audit.local import worker_argv
 from bincount.backends import KubernetesBackend
@@ -86,7 +87,7 @@ def test_checkov_finds_nothing_to_fix_in_the_audit_job_and_cronjob(tmp_path):
     assert [c["check_id"] for c in report["results"]["failed_checks"]] == []
 
 
-def test_kubernetes_backend_runs_the_audit_as_an_indexed_job(api, cluster, s3_env, abid_sample, tmp_path):
+def test_the_kubernetes_backend_runs_the_audit_as_an_indexed_job(api, cluster, s3_env, abid_sample, tmp_path):
     bucket = s3_env.new_bucket("audit")
     store = open_store(f"s3://{bucket}")
     keys = sorted(p.stem for p in (abid_sample / "metadata").glob("*.json"))[-10:]
@@ -119,7 +120,7 @@ def test_kubernetes_backend_runs_the_audit_as_an_indexed_job(api, cluster, s3_en
     pods.start()
     cfg = AuditConfig(store=f"s3://{bucket}", model="test", ids=keys, name="k8s", workers=2, shard_size=3,
                       precision="fp32", poll=0.05, timeout=300)
-    result = KubernetesBackend(cluster).audit(cfg)
+    result = audit(cfg, KubernetesBackend(cluster))
     pods.join(10)
     assert ran == [0, 1]
     job = api.created[0]

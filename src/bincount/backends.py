@@ -25,7 +25,6 @@ from bincount.k8s.resources import RUN_FLAG
 from bincount.store import KeyNotFoundError, open_store
 
 if TYPE_CHECKING:
-    from bincount.audit.report import AuditResult
     from bincount.k8s.launch import Cluster
     from bincount.tune.results import TuneResult
 
@@ -52,7 +51,7 @@ class Backend(Protocol):
     def train(self, job: TrainJob) -> TrainOutcome: ...
     def tune(self, job: TuneJob) -> TuneResult: ...
     def serve(self, job: ServeJob) -> Endpoint: ...
-    def audit(self, cfg: AuditConfig) -> AuditResult: ...
+    def audit(self, cfg: AuditConfig, name: str) -> None: ...       # worker processes | indexed Job
 
 
 def train_args(cfg: TrainConfig) -> list[str]:
@@ -130,10 +129,11 @@ class LocalBackend:
         server = start(job.serve, workdir, timeout_s=job.timeout)
         return Endpoint(server.url, server.predict_url, f"kill {server.proc.pid}", server.stop)
 
-    def audit(self, cfg: AuditConfig) -> AuditResult:
-        from bincount.audit.local import run_local
+    def audit(self, cfg: AuditConfig, name: str) -> None:
+        """The planned audit `name`'s shards, by `cfg.workers` processes here."""
+        from bincount.audit.local import run_workers
 
-        return run_local(cfg)
+        run_workers(cfg, name)
 
 
 class KubernetesBackend:
@@ -168,12 +168,12 @@ class KubernetesBackend:
 
         return run_katib(job, self.cluster)
 
-    def audit(self, cfg: AuditConfig) -> AuditResult:
-        """An indexed Job of `cfg.workers` pods, each sized by `audit_resources`; the plan and report are made here."""
-        from bincount.audit.kubernetes import run_kubernetes
+    def audit(self, cfg: AuditConfig, name: str) -> None:
+        """The planned audit `name`'s shards, by an indexed Job of `cfg.workers` pods sized by `audit_resources`."""
+        from bincount.audit.kubernetes import run_job
 
         _needs_s3(cfg.store, "an audit")
-        return run_kubernetes(cfg, self.cluster, self.config, self.audit_resources)
+        run_job(cfg, name, self.cluster, self.config, self.audit_resources)
 
     def serve(self, job: ServeJob) -> Endpoint:
         from bincount.k8s.launch import INFERENCE_SERVICE

@@ -73,10 +73,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
+    from bincount.audit import audit
+
     cfg = load_config(AuditConfig, args.config, _options(
         args, "store", "model", "name", "dataset", "split", "ids", "all", "after", "modified_after", "expected",
         "shard_size", "workers", "batch_size", "threads", "device", "precision", "threshold", "top", "timeout", "poll"))
-    print(get_backend(args.backend).audit(cfg).line())
+    print(audit(cfg, get_backend(args.backend)).line())
 
 
 def cmd_audit_worker(args: argparse.Namespace) -> None:

@@ -1,5 +1,5 @@
-"""The audit on a cluster: the plan is made here, in the store the pods read; an indexed Job of `workers` pods
-audits the shards (each pod its own share, a failed one retried alone); the report is merged here at the end."""
+"""A planned audit's workers on a cluster: an indexed Job of `workers` pods, each auditing its own share of the
+shards (a failed pod is retried alone), followed to its end. The plan and the report are made by the caller."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import uuid
 from dataclasses import replace
 
 from bincount.audit.local import worker_argv
-from bincount.audit.plan import make_plan, shard_key
-from bincount.audit.report import AuditResult, write_report
+from bincount.audit.plan import load_plan, shard_key
 from bincount.config import AuditConfig, ClusterConfig, JobResources
 from bincount.k8s.launch import Cluster
 from bincount.k8s.resources import audit_job
@@ -24,14 +23,14 @@ def job_name(audit: str) -> str:
     return f"audit-{stem}-{uuid.uuid4().hex[:6]}" if stem else f"audit-{uuid.uuid4().hex[:6]}"
 
 
-def run_kubernetes(cfg: AuditConfig, cluster: Cluster, config: ClusterConfig, resources: JobResources) -> AuditResult:
-    plan = make_plan(cfg)
+def run_job(cfg: AuditConfig, name: str, cluster: Cluster, config: ClusterConfig, resources: JobResources) -> None:
     store = open_store(cfg.store)
-    if any(not store.exists(shard_key(plan.name, s)) for s in range(plan.shards)):
-        body = audit_job(job_name(plan.name), worker_argv(cfg, plan.name, None, cfg.workers),
-                         replace(resources, workers=cfg.workers), config)
-        cluster.run(body, timeout=cfg.timeout or math.inf, poll=cfg.poll, progress=_say, on_log=print)
-    return write_report(cfg.store, plan.name, cfg.threshold, cfg.top)
+    plan = load_plan(store, name)
+    if all(store.exists(shard_key(name, s)) for s in range(plan.shards)):
+        return
+    body = audit_job(job_name(name), worker_argv(cfg, name, None, cfg.workers), replace(resources, workers=cfg.workers),
+                     config)
+    cluster.run(body, timeout=cfg.timeout or math.inf, poll=cfg.poll, progress=_say, on_log=print)
 
 
 def _say(line: str) -> None:
