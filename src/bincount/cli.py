@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: worker processes here; kubernetes: an indexed Job, one pod per worker")
     p.add_argument("--workers", type=int, help="worker processes (local) or pods (kubernetes) (default 1)")
     p.add_argument("--shard-size", type=int, help="bins per result shard, the unit of resumption (default 512)")
-    p.add_argument("--batch-size", type=int, help="images per forward pass (default 64)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
     p.add_argument("--threads", type=int, help="decoding threads per worker (default 16)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"],
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--name", required=True, help="the audit's name")
     w.add_argument("--count", type=int, default=1, help="workers in all (default 1)")
     w.add_argument("--index", type=int, help="this worker, 0..count-1 (default: $JOB_COMPLETION_INDEX)")
-    w.add_argument("--batch-size", type=int, default=64)
+    w.add_argument("--batch-size", type=int, default=32)
     w.add_argument("--threads", type=int, default=16)
     w.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     w.set_defaults(func=cmd_audit_worker)
