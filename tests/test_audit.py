@@ -122,20 +122,22 @@ def test_keys_stay_strings_and_a_csv_of_expected_quantities_reports_bad_rows(aud
     _copy_pair(abid_sample, root, keys[0], "00221")
     _copy_pair(abid_sample, root, keys[1], "221")
     ids = tmp_path / "ids.txt"
-    ids.write_text("00221\n221\n\nzz-nometa\n")
+    ids.write_text("00221\n221\n\nzz-nometa\nghost\n")
     csv = tmp_path / "expected.csv"
     csv.write_text("key,expected\n00221,3\n221,1\n221,2\nnosuch,4\n00221x\nzz-nometa,two\n")
     code = _audit(root, "--ids", f"@{ids}", "--expected", str(csv), "--name", "csv")
     assert code == 0, capsys.readouterr().err
     records = {r["key"]: r for r in _records(root, "csv")}
-    assert set(records) == {"00221", "221", "zz-nometa"}
+    assert set(records) == {"00221", "221", "zz-nometa", "ghost"}
+    assert records["ghost"]["error"] == "missing" and "count" not in records["ghost"]
     assert records["00221"]["expected"] == 3 and records["221"]["expected"] == 1
     assert records["00221"]["p_mismatch"] == pytest.approx(1 - records["00221"]["probabilities"]["3"])
     assert records["zz-nometa"]["expected_problem"] == "not in the CSV"
     summary = json.loads((root / "audits/csv/summary.json").read_text())
     assert summary["expected_problems"] == {"duplicate key": 1, "key not in the audited bins": 1,
                                             "not two columns": 1, "expected is not a count": 1,
-                                            "not in the CSV": 1}
+                                            "not in the CSV": 2}
+    assert summary["image_failures"] == {"missing": 1} and summary["audited"] == 3
 
 
 @pytest.mark.parametrize("args, message", [
@@ -238,3 +240,16 @@ def test_the_endpoint_and_the_audit_give_the_same_probabilities(audited_store, t
                                                   r["probabilities"].values())) <= 1e-5, (served, r)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--name", "all", "--count", "2", "--index", "2"], "must be 0..1"),
+    (["--name", "all", "--count", "2"], "must be 0..1, got None"),
+    (["--name", "nosuch"], "no audit 'nosuch'"),
+])
+def test_a_worker_with_a_bad_index_or_audit_is_one_clear_line(audited_store, args, message, monkeypatch, capsys):
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    root, _ = audited_store
+    assert main(["audit", "worker", "--store", str(root), *args]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

@@ -85,7 +85,8 @@ def cmd_audit_worker(args: argparse.Namespace) -> None:
     """One worker of a running audit: a local backend's process, or a pod of the indexed Job."""
     from bincount.audit.worker import run_worker
 
-    index = args.index if args.index is not None else os.environ.get("JOB_COMPLETION_INDEX")
+    index = args.index if args.index is not None else os.environ.get(
+        "JOB_COMPLETION_INDEX", "0" if args.count == 1 else None)
     if index is None or not str(index).isdigit() or not 0 <= int(index) < args.count:
         raise BincountError(f"audit worker: the index (--index or JOB_COMPLETION_INDEX) must be 0..{args.count - 1}, "
                             f"got {index!r}")
@@ -346,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--store", required=True)
     w.add_argument("--name", required=True, help="the audit's name")
     w.add_argument("--count", type=int, default=1, help="workers in all (default 1)")
-    w.add_argument("--index", type=int, help="this worker, 0..count-1 (default: $JOB_COMPLETION_INDEX)")
+    w.add_argument("--index", type=int, help="this worker, 0..count-1 (default: $JOB_COMPLETION_INDEX, or 0 "
+                   "with --count 1)")
     w.add_argument("--batch-size", type=int, default=32)
     w.add_argument("--threads", type=int, default=16)
     w.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
