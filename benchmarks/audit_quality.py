@@ -1,8 +1,9 @@
 """How well the audit finds wrong expected quantities: p_mismatch against random order and the naive flag.
 
 For each photo set (synthetic bins, and the real ABID sample where ../shared is present) it prepares a dataset
-(split 0.5/0.2/0.3), trains a model the cheap way (ImageNet EfficientNet-Lite0, frozen backbone, head on cached
-features, temperature-calibrated on the validation split), then plants wrong expected quantities on a fraction of
+(split 0.5/0.2/0.3), trains a model — `--train probe`: the cheap way (ImageNet EfficientNet-Lite0, frozen
+backbone, head on cached features, temperature-calibrated on the validation split); `--train abid`: the abid
+recipe (fine-tuned Lite0, ordinal loss, dihedral TTA, temperature, median decoding) — then plants wrong expected quantities on a fraction of
 the test split's bins (each moved by ±1 or ±2 within 1-5) and runs `bincount audit` with that CSV. Planted bins are
 the positives. For the first seed the ranking is the audit's own output; for the other seeds the same formula,
 p_mismatch = 1 − P(count = expected), is applied to the probabilities the audit recorded (the model's answers do
@@ -37,7 +38,7 @@ from pathlib import Path
 
 from bincount.audit import audit
 from bincount.backends import LocalBackend
-from bincount.config import AuditConfig, PrepareConfig, SyntheticConfig, TrainConfig
+from bincount.config import AuditConfig, PrepareConfig, SyntheticConfig, TrainConfig, load_train_config
 from bincount.data.dataset import load_split
 from bincount.data.prepare import prepare
 from bincount.data.synthetic import generate
@@ -49,13 +50,17 @@ CLASSES = (1, 2, 3, 4, 5)
 DATASET = "quality"
 
 
-def build(store: Path, photos: str, n: int, seed: int) -> None:
+def build(store: Path, photos: str, n: int, seed: int, how: str) -> None:
     if photos == "synthetic":
         generate(SyntheticConfig(dest=str(store), n=n, seed=seed, workers=2))
     else:
         for folder in ("bin-images", "metadata"):
             shutil.copytree(SAMPLE / folder, store / "raw" / folder)
     prepare(PrepareConfig(store=str(store), name=DATASET, balance="none", split=(0.5, 0.2, 0.3), seed=seed))
+    if how == "abid":
+        train(load_train_config(None, {"recipe": "abid", "store": str(store), "dataset": DATASET, "run": "quality",
+                                       "workers": 0, "cache_dir": str(store / "cache")}))
+        return
     train(TrainConfig(store=str(store), dataset=DATASET, run="quality", arch="efficientnet_lite0", weights="imagenet",
                       freeze="backbone", feature_cache=True, image_size=224, augment="none", epochs=40,
                       batch_size=32, lr=3e-3, warmup_epochs=0.0, class_weights="balanced",
@@ -100,7 +105,7 @@ def precision_at(scores: list[float], positive: list[bool], k: int, rng: random.
 def evaluate_set(photos: str, args: argparse.Namespace, root: Path) -> dict:
     store = root / photos
     start = time.perf_counter()
-    build(store, photos, args.n, 0)
+    build(store, photos, args.n, 0, args.train)
     built = time.perf_counter() - start
     truth = {item.key: item.label for item in load_split(open_store(str(store)), DATASET, "test", CLASSES)}
     rows = []
@@ -127,7 +132,7 @@ def evaluate_set(photos: str, args: argparse.Namespace, root: Path) -> dict:
         keys = sorted(truth)
         positive = [k in planted for k in keys]
         p = [scores[k] for k in keys]
-        predicted = {k: max(CLASSES, key=lambda c: probabilities[k][str(c)]) for k in keys}
+        predicted = {r["key"]: r["count"] for r in records}         # the model's own decoding
         naive = [float(predicted[k] != expected[k]) for k in keys]
         k = sum(positive)
         flagged = [i for i, x in enumerate(naive) if x]
@@ -140,7 +145,7 @@ def evaluate_set(photos: str, args: argparse.Namespace, root: Path) -> dict:
             "random_p@k": precision_at([rng.random() for _ in keys], positive, k, rng),
         })
     accuracy = sum(predicted[k] == truth[k] for k in truth) / len(truth)
-    return {"photos": photos, "bins": len(truth), "planted": round(args.fraction * len(truth)),
+    return {"photos": photos, "train": args.train, "bins": len(truth), "planted": round(args.fraction * len(truth)),
             "accuracy": accuracy, "rows": rows, "build_s": built, "audit_s": audited}
 
 
@@ -151,7 +156,7 @@ def show(result: dict) -> None:
         values = [r[key] for r in rows]
         return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
 
-    print(f"\n{result['photos']}: {result['bins']} test bins, {result['planted']} planted per seed, "
+    print(f"\n{result['photos']} ({result['train']}): {result['bins']} test bins, {result['planted']} planted per seed, "
           f"{len(rows)} seeds; model test accuracy {result['accuracy']:.3f} (data + training "
           f"{result['build_s']:.0f} s, audit {result['audit_s']:.1f} s)")
     print(f"  {'ranking':<12} {'AUROC':>15} {'precision@k':>15}")
@@ -170,6 +175,8 @@ def main() -> int:
     parser.add_argument("--fraction", type=float, default=0.15)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--n", type=int, default=1000, help="synthetic photos")
+    parser.add_argument("--train", choices=["probe", "abid"], default="probe",
+                        help="probe: a head on frozen features (fast); abid: the abid recipe (fine-tuned)")
     args = parser.parse_args()
     sets = [s for s in args.sets.split(",") if s != "real" or SAMPLE.is_dir()]
     with tempfile.TemporaryDirectory(prefix="bincount-audit-quality-") as tmp:

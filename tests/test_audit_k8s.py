@@ -65,8 +65,8 @@ def test_a_planted_typo_in_the_job_is_caught():
 
 
 def test_job_names_are_dns_labels():
-    for audit in ("nightly-2026-01-02", "Audit_Of.SOMETHING" * 5, "___"):
-        name = job_name(audit)
+    for audit_name in ("nightly-2026-01-02", "Audit_Of.SOMETHING" * 5, "___"):
+        name = job_name(audit_name)
         assert len(name) <= 63 and name[0].isalpha() and all(c.isalnum() or c == "-" for c in name), name
     assert job_name("x") != job_name("x")
 

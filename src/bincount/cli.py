@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bincount.backends import BACKENDS, get_backend
-from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig, SyntheticConfig,
-                             TuneJob, load_config)
+from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig,
+                             SyntheticConfig, TuneJob, load_config)
 from bincount.errors import BincountError, exit_status
 from bincount.train import entry as train_entry
 
