@@ -71,7 +71,9 @@ def test_audit_counts_real_photos_as_the_exported_model_does(audited_store, caps
     code = _audit(root, "--all", "--name", "all", "--shard-size", "16", "--batch-size", "5", "--top", "10")
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "audited 51 of 52 bins (1 image(s) unreadable)" in out
+    assert "audited 51 of 52 bins (1 image(s) unreadable)" in out and out.count("\n") == 1
+    assert ("no usable expected quantity: 1 no EXPECTED_QUANTITY, 1 no metadata, 1 outside the model's classes"
+            in out)
     records = {r["key"]: r for r in _records(root, "all")}
     assert len(list((root / "audits/all/shards").glob("*.jsonl"))) == 4 and len(records) == BINS + 4
 

@@ -36,9 +36,11 @@ class AuditResult:
     def line(self) -> str:
         s = self.summary
         failed = sum(s["image_failures"].values())
+        problems = ", ".join(f"{n} {reason}" for reason, n in s["expected_problems"].items())
         return (f"audited {s['audited']} of {s['bins']} bins ({failed} image(s) unreadable); {s['flagged']} flagged "
                 f"at p_mismatch ≥ {s['threshold']} (expected precision {_pct(s['expected_precision'])}); "
-                f"report: {self.uri}/report.html")
+                + (f"no usable expected quantity: {problems}; " if problems else "")
+                + f"report: {self.uri}/report.html")
 
 
 def merge(store: Store, name: str) -> tuple[Plan, list[dict]]:
