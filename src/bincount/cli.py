@@ -91,7 +91,8 @@ def cmd_audit_worker(args: argparse.Namespace) -> None:
         raise BincountError(f"audit worker: the index (--index or JOB_COMPLETION_INDEX) must be 0..{args.count - 1}, "
                             f"got {index!r}")
     cfg = AuditConfig(store=args.store, model="", batch_size=args.batch_size, threads=args.threads, device=args.device)
-    run_worker(cfg, args.name, int(index), args.count)
+    written = run_worker(cfg, args.name, int(index), args.count)
+    print(f"audit {args.name} worker {index} of {args.count}: {written} shard(s) written", file=sys.stderr)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
