@@ -191,7 +191,7 @@ def test_modified_after_and_after_select_among_all(audited_store, tmp_path):
 
 def _worker_run(root: Path, name: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "bincount.cli", "audit", "--store", str(root), "--model", "test",
-                             "--all", "--name", name, "--shard-size", "4", "--batch-size", "4", "--precision", "fp32",
+                             "--all", "--name", name, "--shard-size", "2", "--batch-size", "2", "--precision", "fp32",
                              *extra], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
