@@ -22,6 +22,7 @@ SERVED = {
     "kubeflow.org/v1": {"pytorchjobs": "PyTorchJob"},
     "kubeflow.org/v1beta1": {"experiments": "Experiment", "trials": "Trial"},
     "serving.kserve.io/v1beta1": {"inferenceservices": "InferenceService"},
+    "batch/v1": {"jobs": "Job"},
 }
 CUSTOM = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
                     r"(?:/(?P<name>[^/]+))?$")

@@ -34,7 +34,7 @@ DOCKERFILES = [REPO / "images" / "trainer" / "Dockerfile", REPO / "images" / "se
 CLUSTER = ClusterConfig()
 KUSTOMIZATIONS = sorted(rel.rsplit("/", 1)[0] for rel in manifests.render() if rel.endswith("/kustomization.yaml"))
 OVERLAYS = [name for name in manifests.profiles(CLUSTER) if name != "default"]
-STAGES = ("training", "tuning", "serving")
+STAGES = ("training", "tuning", "serving", "audit")
 
 pytestmark = pytest.mark.skipif(not CRDS.is_dir(), reason=f"the shared CRDs are not at {CRDS}")
 
@@ -91,6 +91,8 @@ def pod_specs(obj: dict) -> list[dict]:
         return [r["template"]["spec"] for r in spec["pytorchReplicaSpecs"].values()]
     if obj["kind"] == "InferenceService":
         return [spec["predictor"]]
+    if obj["kind"] == "CronJob":
+        return [spec["jobTemplate"]["spec"]["template"]["spec"]]
     if "template" in spec:
         return [spec["template"]["spec"]]
     return []
@@ -151,7 +153,7 @@ def test_every_rendered_object_is_valid_against_the_real_schemas(kustomized, val
     problems = [e for o in checked for e in validator.errors(o)]
     assert problems == []
     kinds = {o["kind"] for o in checked}
-    assert {"PyTorchJob", "Experiment", "InferenceService", "Namespace", "Deployment", "Job", "Secret",
+    assert {"PyTorchJob", "Experiment", "InferenceService", "Namespace", "Deployment", "Job", "CronJob", "Secret",
             "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "PersistentVolumeClaim", "Service"} <= kinds
 
 

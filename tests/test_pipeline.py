@@ -23,19 +23,20 @@ from bincount import cli
 from bincount.config import TRAINER_IMAGE, ClusterConfig
 from bincount.k8s.resources import S3_CREDENTIALS, store_settings
 from bincount.kfp import stages
-from bincount.kfp.compile import COMPONENTS_DIR, PIPELINE_FILE, compiled, drift
+from bincount.kfp.compile import AUDIT_PIPELINE_FILE, COMPONENTS_DIR, PIPELINE_FILE, compiled, drift
 from bincount.kfp.components import COMPONENTS
 from bincount.kfp.pipeline import bin_counting
 from bincount.model.exported import ExportedModel
 from bincount.tune.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("download", "prepare", "tune", "train", "evaluate", "deploy", "skip-deploy")
+STEPS = ("download", "prepare", "tune", "train", "evaluate", "deploy", "skip-deploy", "audit-plan", "audit-count",
+         "audit-report")
 
 
 def test_committed_specs_equal_a_fresh_compile():
     assert drift(REPO) == []
-    assert set(compiled()) == {PIPELINE_FILE, *(COMPONENTS_DIR / s.replace("-", "_") / "component.yaml"
+    assert set(compiled()) == {PIPELINE_FILE, AUDIT_PIPELINE_FILE, *(COMPONENTS_DIR / s.replace("-", "_") / "component.yaml"
                                                  for s in STEPS)}
 
 
@@ -77,8 +78,9 @@ def test_every_step_runs_the_configured_trainer_image_without_installing_kfp():
 
 def test_steps_get_the_store_settings_from_the_platform_manifests():
     """Settings by reference on a cluster, so kfp.local never inherits a cluster address."""
-    pipeline = list(yaml.safe_load_all((REPO / PIPELINE_FILE).read_text()))
-    executors = pipeline[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    pipelines = [list(yaml.safe_load_all((REPO / path).read_text())) for path in (PIPELINE_FILE, AUDIT_PIPELINE_FILE)]
+    executors = {f"{p[0]['pipelineInfo']['name']}:{name}": spec for p in pipelines
+                 for name, spec in p[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()}
     assert len(executors) == len(STEPS)
     cluster = ClusterConfig()
     for name, spec in executors.items():
@@ -87,7 +89,7 @@ def test_steps_get_the_store_settings_from_the_platform_manifests():
         assert config_map["keyToEnv"] == [{"configMapKey": k, "envVar": k} for k in store_settings(cluster)], name
         assert secret["secretName"] == cluster.s3_secret and not secret["optional"], name
         assert secret["keyToEnv"] == [{"secretKey": k, "envVar": k} for k in S3_CREDENTIALS], name
-    for container in (e["container"] for e in pipeline[0]["deploymentSpec"]["executors"].values()):
+    for container in (e["container"] for p in pipelines for e in p[0]["deploymentSpec"]["executors"].values()):
         assert "env" not in container
     config_map = yaml.safe_load((REPO / "manifests" / "base" / "store.yaml").read_text())
     assert config_map["metadata"]["name"] == cluster.store_config and config_map["data"] == store_settings(cluster)

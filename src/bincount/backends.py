@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from bincount.config import (ClusterConfig, ServeJob, TrainConfig, TrainJob, TuneJob, is_packaged_recipe,
-                             load_train_config, to_dict)
+from bincount.config import (AuditConfig, ClusterConfig, JobResources, ServeJob, TrainConfig, TrainJob, TuneJob,
+                             is_packaged_recipe, load_train_config, to_dict)
 from bincount.errors import BincountError, ConfigError
 from bincount.k8s.resources import RUN_FLAG
 from bincount.store import KeyNotFoundError, open_store
@@ -51,6 +51,7 @@ class Backend(Protocol):
     def train(self, job: TrainJob) -> TrainOutcome: ...
     def tune(self, job: TuneJob) -> TuneResult: ...
     def serve(self, job: ServeJob) -> Endpoint: ...
+    def audit(self, cfg: AuditConfig, name: str) -> None: ...       # worker processes | indexed Job
 
 
 def train_args(cfg: TrainConfig) -> list[str]:
@@ -128,13 +129,21 @@ class LocalBackend:
         server = start(job.serve, workdir, timeout_s=job.timeout)
         return Endpoint(server.url, server.predict_url, f"kill {server.proc.pid}", server.stop)
 
+    def audit(self, cfg: AuditConfig, name: str) -> None:
+        """The planned audit `name`'s shards, by `cfg.workers` processes here."""
+        from bincount.audit.local import run_workers
+
+        run_workers(cfg, name)
+
 
 class KubernetesBackend:
     """One namespace of the cluster in `config`; it connects (in-cluster or via kubeconfig) on first use."""
 
-    def __init__(self, cluster: Cluster | None = None, config: ClusterConfig | None = None):
+    def __init__(self, cluster: Cluster | None = None, config: ClusterConfig | None = None,
+                 audit_resources: JobResources | None = None):
         self._cluster = cluster
         self.config = cluster.config if cluster is not None else config or ClusterConfig()
+        self.audit_resources = audit_resources or JobResources()
 
     @property
     def cluster(self) -> Cluster:
@@ -158,6 +167,13 @@ class KubernetesBackend:
         from bincount.tune.katib import run_katib
 
         return run_katib(job, self.cluster)
+
+    def audit(self, cfg: AuditConfig, name: str) -> None:
+        """The planned audit `name`'s shards, by an indexed Job of `cfg.workers` pods sized by `audit_resources`."""
+        from bincount.audit.kubernetes import run_job
+
+        _needs_s3(cfg.store, "an audit")
+        run_job(cfg, name, self.cluster, self.config, self.audit_resources)
 
     def serve(self, job: ServeJob) -> Endpoint:
         from bincount.k8s.launch import INFERENCE_SERVICE

@@ -6,12 +6,13 @@ Every failure the user can act on is a `BincountError`; it is printed as one lin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from bincount.backends import BACKENDS, get_backend
-from bincount.config import (DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig, SyntheticConfig,
-                             TuneJob, load_config)
+from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig,
+                             SyntheticConfig, TuneJob, load_config)
 from bincount.errors import BincountError, exit_status
 from bincount.train import entry as train_entry
 
@@ -69,6 +70,29 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args, "store", "model", "dataset", "split", "out", "batch_size", "workers", "cache_dir", "device",
         "precision"))
     print(evaluate(cfg).summary())
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from bincount.audit import audit
+
+    cfg = load_config(AuditConfig, args.config, _options(
+        args, "store", "model", "name", "dataset", "split", "ids", "all", "after", "modified_after", "expected",
+        "shard_size", "workers", "batch_size", "threads", "device", "precision", "threshold", "top", "timeout", "poll"))
+    print(audit(cfg, get_backend(args.backend)).line())
+
+
+def cmd_audit_worker(args: argparse.Namespace) -> None:
+    """One worker of a running audit: a local backend's process, or a pod of the indexed Job."""
+    from bincount.audit.worker import run_worker
+
+    index = args.index if args.index is not None else os.environ.get(
+        "JOB_COMPLETION_INDEX", "0" if args.count == 1 else None)
+    if index is None or not str(index).isdigit() or not 0 <= int(index) < args.count:
+        raise BincountError(f"audit worker: the index (--index or JOB_COMPLETION_INDEX) must be 0..{args.count - 1}, "
+                            f"got {index!r}")
+    cfg = AuditConfig(store=args.store, model="", batch_size=args.batch_size, threads=args.threads, device=args.device)
+    written = run_worker(cfg, args.name, int(index), args.count)
+    print(f"audit {args.name} worker {index} of {args.count}: {written} shard(s) written", file=sys.stderr)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
@@ -216,7 +240,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bincount", description=__doc__.splitlines()[0])
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,train,evaluate,tune,serve,pipeline,manifests}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,train,evaluate,audit,tune,serve,pipeline,manifests}")
 
     data = groups.add_parser("data", help="get, prepare and explore bin images")
     data_cmds = data.add_subparsers(dest="command", required=True)
@@ -286,6 +310,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default auto: bf16 where fast, as `bincount serve` does")
     _add_config(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = groups.add_parser("audit", help="count bins in the store and rank them by how likely their expected "
+                          "quantity is wrong → audits/NAME/")
+    p.add_argument("--store", help="store root holding raw/ (and datasets/NAME/); results go to audits/NAME/")
+    p.add_argument("--model", help="a run name (RUN or models/RUN) under --store, a model directory, or a store URI")
+    sel = p.add_argument_group("bins (one of)")
+    sel.add_argument("--dataset", help="dataset name, with --split")
+    sel.add_argument("--split", help="split of --dataset (train, val, test)")
+    sel.add_argument("--ids", nargs="+", help="bin ids (strings: 221 and 00221 differ); @FILE reads one per line")
+    sel.add_argument("--all", action="store_true", default=None, help="every image under raw/bin-images/")
+    sel.add_argument("--after", help="with --all: only keys that sort after this one")
+    sel.add_argument("--modified-after", help="with --all: only images written after this ISO 8601 time, or "
+                     "in the last AGE (24h, 7d)")
+    p.add_argument("--expected", help="metadata (ABID's EXPECTED_QUANTITY, the default) or a CSV file with header "
+                   "key,expected")
+    p.add_argument("--name", help="audit name (default audit-MODEL; {date} becomes today's UTC date); rerun the "
+                   "same name to resume")
+    p.add_argument("--backend", choices=list(BACKENDS), default="local",
+                   help="local: worker processes here; kubernetes: an indexed Job, one pod per worker")
+    p.add_argument("--workers", type=int, help="worker processes (local) or pods (kubernetes) (default 1)")
+    p.add_argument("--shard-size", type=int, help="bins per result shard, the unit of resumption (default 512)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
+    p.add_argument("--threads", type=int, help="decoding threads per worker (default 16)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"],
+                   help="default auto: bf16 where fast, as `bincount serve` does")
+    p.add_argument("--threshold", type=float, help="p_mismatch at or above which a bin is flagged (default 0.5)")
+    p.add_argument("--top", type=int, help="bins shown with photos in the report (default 50)")
+    p.add_argument("--timeout", type=float, help="kubernetes: seconds to follow the Job (default: to the end)")
+    p.add_argument("--poll", type=float, help="kubernetes: seconds between status reads (default 10)")
+    _add_config(p)
+    p.set_defaults(func=cmd_audit)
+    audit_cmds = p.add_subparsers(dest="command")
+    w = audit_cmds.add_parser("worker", help="one worker of a planned audit (what the local backend's processes "
+                              "and the indexed Job's pods run)")
+    w.add_argument("--store", required=True)
+    w.add_argument("--name", required=True, help="the audit's name")
+    w.add_argument("--count", type=int, default=1, help="workers in all (default 1)")
+    w.add_argument("--index", type=int, help="this worker, 0..count-1 (default: $JOB_COMPLETION_INDEX, or 0 "
+                   "with --count 1)")
+    w.add_argument("--batch-size", type=int, default=32)
+    w.add_argument("--threads", type=int, default=16)
+    w.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    w.set_defaults(func=cmd_audit_worker)
 
     p = groups.add_parser("tune", help="hyperparameter search from one tuning.yaml: optuna locally, Katib on a "
                           "cluster; `tune render` prints the Katib Experiment")

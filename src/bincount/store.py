@@ -55,6 +55,7 @@ class KeyNotFoundError(StoreError):
 class ObjectInfo:
     key: str
     size: int
+    modified: float | None = None               # POSIX time of the last write, where the listing says
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,8 @@ class LocalStore(Store):
                     continue
                 full = os.path.join(dirpath, name)
                 key = os.path.relpath(full, self.root).replace(os.sep, "/")
-                found.append(ObjectInfo(key, os.path.getsize(full)))
+                info = os.stat(full)
+                found.append(ObjectInfo(key, info.st_size, info.st_mtime))
         yield from sorted(found, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
@@ -430,7 +432,8 @@ class S3Store(Store):
                                                     start_after=last):
                     last, failures = obj.object_name, 0
                     if not obj.is_dir:
-                        yield ObjectInfo(obj.object_name[strip:], obj.size)
+                        modified = obj.last_modified.timestamp() if obj.last_modified else None
+                        yield ObjectInfo(obj.object_name[strip:], obj.size, modified)
                 return
             except Exception as e:
                 failures += 1

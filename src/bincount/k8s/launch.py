@@ -1,7 +1,7 @@
-"""Create, follow and delete bincount's custom resources through the Kubernetes API.
+"""Create, follow and delete bincount's resources through the Kubernetes API.
 
-PyTorchJobs, Katib Experiments and InferenceServices all go through the CustomObjects API, so one `Cluster`
-handles the three; a `Kind` says where each lives and how to read its state. `Cluster.run` is what the
+PyTorchJobs, Katib Experiments, InferenceServices and the audit's batch Jobs all go through the CustomObjects API
+(its generic paths serve batch/v1 as well), so one `Cluster` handles the four; a `Kind` says where each lives and how to read its state. `Cluster.run` is what the
 KubernetesBackend calls: create, stream the master pod's log, wait on the conditions, return the final object —
 or raise one error a user can act on (operator missing, RBAC, image pull, a failed job with its last log lines).
 """
@@ -22,7 +22,7 @@ from urllib3.exceptions import HTTPError
 
 from bincount.config import ClusterConfig
 from bincount.errors import BincountError
-from bincount.k8s.resources import SERVING_CONTAINER, TRAINER_CONTAINER
+from bincount.k8s.resources import AUDIT_CONTAINER, SERVING_CONTAINER, TRAINER_CONTAINER
 
 Callback = Callable[[str], None]
 LOG_TAIL = 20
@@ -114,6 +114,20 @@ def _serving_state(obj: dict[str, Any]) -> State:
     return State(f"not ready ({why})" if why else "not ready")
 
 
+def _batch_job_state(obj: dict[str, Any]) -> State:
+    """A batch Job: Complete is success, Failed final; the summary counts its pods (an indexed Job's indexes)."""
+    status = obj.get("status") or {}
+    true = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    counts = ", ".join(f"{status.get(k, 0)} {k}" for k in ("succeeded", "active", "failed"))
+    summary = f"{(obj.get('spec') or {}).get('completions', '?')} pod(s): {counts}"
+    if "Failed" in true:
+        c = true["Failed"]
+        return State(f"Failed ({summary})", done=True, failed=True, message=c.get("message") or c.get("reason") or "")
+    if "Complete" in true:
+        return State(f"Complete ({summary})", done=True)
+    return State(f"Running ({summary})" if status.get("active") else f"Pending ({summary})")
+
+
 @dataclass(frozen=True)
 class Kind:
     """Where a custom resource lives, who serves it and how to read it. The selectors find its pods (to see
@@ -143,7 +157,11 @@ TRIAL = Kind("kubeflow.org", "v1beta1", "trials", "Trial", "Katib", _condition_s
 INFERENCE_SERVICE = Kind("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService", "KServe",
                          _serving_state, pods="serving.kserve.io/inferenceservice={name}",
                          main_pod="serving.kserve.io/inferenceservice={name}", container=SERVING_CONTAINER)
-KINDS = {(k.api_version, k.kind): k for k in (PYTORCHJOB, EXPERIMENT, INFERENCE_SERVICE)}
+BATCH_JOB = Kind("batch", "v1", "jobs", "Job", "Kubernetes batch API", _batch_job_state,
+                 pods="batch.kubernetes.io/job-name={name}",
+                 main_pod="batch.kubernetes.io/job-name={name},batch.kubernetes.io/job-completion-index=0",
+                 container=AUDIT_CONTAINER)
+KINDS = {(k.api_version, k.kind): k for k in (PYTORCHJOB, EXPERIMENT, INFERENCE_SERVICE, BATCH_JOB)}
 
 
 def kind_of(body: dict[str, Any]) -> Kind:

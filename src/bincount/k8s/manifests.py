@@ -1,6 +1,6 @@
 """manifests/ rendered from the builders, so what `kubectl apply -k` applies and what the launchers create agree.
 
-Layout: base/ (platform) and training/, tuning/, serving/ hold the default objects; each overlay has a
+Layout: base/ (platform) and training/, tuning/, serving/, audit/ hold the default objects; each overlay has a
 kustomization for the platform plus one per stage whose patch is the merge patch from the default objects to the
 overlay's (computed here, never written by hand). `render` returns every file; `write` and `drift` are the
 `bincount manifests render [--check]` command.
@@ -20,7 +20,8 @@ import yaml
 from bincount.config import ClusterConfig, JobResources, ServingResources
 from bincount.errors import BincountError
 from bincount.k8s import platform
-from bincount.k8s.resources import RUN_FLAG, ExperimentSpec, experiment, inference_service, pytorchjob
+from bincount.k8s.resources import (RUN_FLAG, ExperimentSpec, audit_cronjob, experiment, inference_service,
+                                    pytorchjob)
 from bincount.tune.space import SearchSpace, load_space, trainer_args
 
 HEADER = ("# Rendered by `bincount manifests render` from src/bincount/k8s/. Edit the builders and re-render:\n"
@@ -30,7 +31,10 @@ CREDENTIALS_FILE = "s3-credentials.env"
 DATASET = "abid"
 TRAIN_RUN = "bincount-train"
 SERVE_NAME = "bincount"
-STAGE_FILES = {"training": "pytorchjob.yaml", "tuning": "experiment.yaml", "serving": "inferenceservice.yaml"}
+STAGE_FILES = {"training": "pytorchjob.yaml", "tuning": "experiment.yaml", "serving": "inferenceservice.yaml",
+               "audit": "cronjob.yaml"}
+AUDIT_NAME = "bincount-audit"
+AUDIT_SCHEDULE = "0 2 * * *"                    # nightly, 02:00 in the cluster's time zone
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Profile:
     training: JobResources
     experiment: ExperimentSpec
     serving: ServingResources
+    audit: JobResources                         # the nightly audit's pod; `workers` processes in it
     minio_storage: str
     dev_credentials: bool = False
 
@@ -61,7 +66,9 @@ def profiles(cluster: ClusterConfig) -> dict[str, Profile]:
         training=JobResources(workers=2, procs_per_worker=1, gpus_per_worker=1, cpu_request="4", cpu_limit="8",
                               memory_request="16Gi", memory_limit="32Gi", shm_size="4Gi"),
         experiment=tuning(search),
-        serving=ServingResources(), minio_storage="100Gi")
+        serving=ServingResources(),
+        audit=JobResources(workers=4, cpu_request="4", cpu_limit="8", memory_request="8Gi", memory_limit="16Gi"),
+        minio_storage="100Gi")
     cpu = JobResources(workers=1, procs_per_worker=2, gpus_per_worker=0, cpu_request="2", cpu_limit="2",
                        memory_request="3Gi", memory_limit="4Gi", shm_size="1Gi")
     # a kind cluster on a laptop: the smallest pretrained model at 224 px, a short run, the lr x batch search
@@ -77,6 +84,8 @@ def profiles(cluster: ClusterConfig) -> dict[str, Profile]:
                                    memory_limit="3Gi", shm_size="512Mi"))),
         serving=ServingResources(min_replicas=1, max_replicas=1, cpu_request="500m", cpu_limit="1",
                                  memory_request="1Gi", memory_limit="2Gi"),
+        audit=JobResources(workers=1, cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="3Gi",
+                           shm_size="512Mi"),
         minio_storage="10Gi", dev_credentials=True)
     gpu = Profile(
         name="gpu",
@@ -84,7 +93,10 @@ def profiles(cluster: ClusterConfig) -> dict[str, Profile]:
         training=JobResources(workers=4, procs_per_worker=4, gpus_per_worker=4, cpu_request="16", cpu_limit="32",
                               memory_request="96Gi", memory_limit="128Gi", shm_size="16Gi"),
         experiment=tuning(replace(search, parallel_trials=4)),
-        serving=ServingResources(min_replicas=1, max_replicas=5), minio_storage="500Gi")
+        serving=ServingResources(min_replicas=1, max_replicas=5),
+        audit=JobResources(workers=1, gpus_per_worker=1, cpu_request="8", cpu_limit="16", memory_request="16Gi",
+                           memory_limit="32Gi"),
+        minio_storage="500Gi")
     return {p.name: p for p in (default, dev_cpu, gpu)}
 
 
@@ -100,7 +112,16 @@ def stages(profile: Profile, cluster: ClusterConfig) -> dict[str, dict[str, list
         "tuning": {STAGE_FILES["tuning"]: [experiment(profile.experiment, cluster)]},
         "serving": {STAGE_FILES["serving"]: [inference_service(
             SERVE_NAME, f"{cluster.store}/models/{TRAIN_RUN}", profile.serving, cluster)]},
+        "audit": {STAGE_FILES["audit"]: [audit_cronjob(AUDIT_NAME, AUDIT_SCHEDULE, audit_args(profile.audit, cluster),
+                                                       profile.audit, cluster)]},
     }
+
+
+def audit_args(resources: JobResources, cluster: ClusterConfig) -> list[str]:
+    """Each night: every photo written in the last day, counted by the trained model, as audits/nightly-<date>/."""
+    return ["audit", "--store", cluster.store, "--model", TRAIN_RUN, "--all", "--modified-after", "1d",
+            "--name", "nightly-{date}", "--workers", str(resources.workers), "--device",
+            "cuda" if resources.gpus_per_worker else "cpu"]
 
 
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ PIPELINE_RULES = [
     {"apiGroups": ["kubeflow.org"], "resources": ["trials"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
      "verbs": ["create", "get", "list", "watch", "patch", "delete"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
 ]

@@ -1,4 +1,5 @@
-"""Builders of the custom resources bincount runs on a cluster: PyTorchJob, Katib Experiment, InferenceService.
+"""Builders of the resources bincount runs on a cluster: PyTorchJob, Katib Experiment, InferenceService, and the
+audit's indexed Job and CronJob.
 
 They are the one source: the launchers create what these return, and `bincount manifests render` writes the same
 objects to manifests/. Plain dicts, because that is what both the CustomObjects API and kustomize take.
@@ -17,6 +18,8 @@ from bincount.errors import ConfigError
 TRAIN_COMMAND = ["torchrun", "-m", "bincount.train"]
 TRAINER_CONTAINER = "pytorch"
 SERVING_CONTAINER = "kserve-container"
+AUDIT_CONTAINER = "audit"
+BINCOUNT = ["bincount"]
 SERVING_PORT = 8080
 SERVING_HOST = "0.0.0.0"                        # every interface: KServe routes to the pod's own address
 MODEL_DIR = "/mnt/models"
@@ -281,3 +284,53 @@ def inference_service(name: str, storage_uri: str, serving: ServingResources,
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
             "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels("serving")},
             "spec": {"predictor": predictor}}
+
+
+def audit_job(name: str, worker_args: Sequence[str], resources: JobResources,
+              cluster: ClusterConfig | None = None) -> dict[str, Any]:
+    """An indexed Job of `resources.workers` pods over a planned audit: pod i runs `bincount audit worker`, which
+    reads i from JOB_COMPLETION_INDEX (Kubernetes sets it in an indexed Job's pods) and audits the shards i,
+    i + workers, …. A failed pod is retried alone (backoffLimitPerIndex), and its rerun skips the shards it wrote."""
+    cluster = cluster or ClusterConfig()
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels("audit")},
+            "spec": {"completionMode": "Indexed", "completions": resources.workers, "parallelism": resources.workers,
+                     "backoffLimitPerIndex": resources.backoff_limit, "ttlSecondsAfterFinished": 7 * 24 * 3600,
+                     "template": _audit_pod(worker_args, resources, cluster, "Never")}}
+
+
+def audit_cronjob(name: str, schedule: str, audit_args: Sequence[str], resources: JobResources,
+                  cluster: ClusterConfig | None = None) -> dict[str, Any]:
+    """The scheduled audit: each run is one pod doing the whole `bincount audit` (plan, `--workers` processes, report),
+    never two at once."""
+    cluster = cluster or ClusterConfig()
+    job = {"backoffLimit": resources.backoff_limit, "ttlSecondsAfterFinished": 7 * 24 * 3600,
+           "template": _audit_pod(audit_args, resources, cluster, "OnFailure")}
+    return {"apiVersion": "batch/v1", "kind": "CronJob",
+            "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels("audit")},
+            "spec": {"schedule": schedule, "concurrencyPolicy": "Forbid", "successfulJobsHistoryLimit": 3,
+                     "failedJobsHistoryLimit": 3,
+                     "jobTemplate": {"metadata": {"labels": labels("audit")}, "spec": job}}}
+
+
+def _audit_pod(args: Sequence[str], resources: JobResources, cluster: ClusterConfig,
+               restart: str) -> dict[str, Any]:
+    scratch, scratch_mount = scratch_volume()
+    container = {
+        "name": AUDIT_CONTAINER,
+        "image": resources.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": list(BINCOUNT),
+        "args": list(args),
+        "env": store_env(cluster) + [{"name": "OMP_NUM_THREADS", "value": str(resources.cpu_threads)}],
+        "resources": {"requests": resources.requests(), "limits": resources.limits()},
+        "securityContext": container_security(),
+        "volumeMounts": [scratch_mount],
+    }
+    return {"metadata": {"labels": labels("audit")},
+            "spec": {"serviceAccountName": cluster.workload_service_account,
+                     "automountServiceAccountToken": False,
+                     "restartPolicy": restart,
+                     "securityContext": pod_security(),
+                     "containers": [container],
+                     "volumes": [scratch]}}

@@ -1,5 +1,5 @@
 """The compiled specs a KFP user loads or submits: components/<step>/component.yaml and
-pipelines/bin_counting.yaml, written from the definitions in this package and checked for drift by a test."""
+pipelines/bin_counting.yaml and pipelines/bin_audit.yaml, written from the definitions in this package and checked for drift by a test."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from bincount.errors import BincountError
 HEADER = ("# Compiled by `bincount pipeline compile` from src/bincount/kfp/. Edit the Python and recompile:\n"
           "# a test fails when this file and the definitions disagree.\n")
 PIPELINE_FILE = Path("pipelines") / "bin_counting.yaml"
+AUDIT_PIPELINE_FILE = Path("pipelines") / "bin_audit.yaml"
 COMPONENTS_DIR = Path("components")
 
 
@@ -19,9 +20,9 @@ def compiled() -> dict[Path, str]:
     from kfp import compiler
 
     from bincount.kfp.components import COMPONENTS
-    from bincount.kfp.pipeline import bin_counting
+    from bincount.kfp.pipeline import bin_audit, bin_counting
 
-    targets = {PIPELINE_FILE: bin_counting}
+    targets = {PIPELINE_FILE: bin_counting, AUDIT_PIPELINE_FILE: bin_audit}
     targets |= {COMPONENTS_DIR / name.replace("-", "_") / "component.yaml": c for name, c in COMPONENTS.items()}
     out = {}
     with tempfile.TemporaryDirectory(prefix="bincount-compile-") as tmp:

@@ -84,4 +84,32 @@ def skip_deploy(accuracy: float, threshold: float) -> str:
     return stages.skip_deploy(accuracy, threshold)
 
 
-COMPONENTS = {c.name: c for c in (download, prepare, tune, train, evaluate, deploy, skip_deploy)}
+@component
+def audit_plan(store: str, model: str, dataset: str, split: str, ids: str, all_images: bool, after: str,
+               modified_after: str, expected: str, name: str, shard_size: int) -> str:
+    """The bins to audit and their expected quantities, fixed in STORE/audits/NAME/; returns the audit's name."""
+    from bincount.kfp import stages
+
+    return stages.audit_plan(store, model, dataset, split, ids, all_images, after, modified_after, expected, name,
+                             shard_size)
+
+
+@component
+def audit_count(store: str, name: str, backend: str, workers: int) -> str:
+    """Counts every shard of the planned audit: worker processes locally, an indexed Job on a cluster."""
+    from bincount.kfp import stages
+
+    return stages.audit_count(store, name, backend, workers)
+
+
+@component
+def audit_report(store: str, name: str, threshold: float, top: int, report: Output[HTML],
+                 report_markdown: Output[Markdown], summary: Output[Metrics]) -> int:
+    """Merges the shards: bins ranked by p_mismatch, totals, per-count agreement; returns the flagged count."""
+    from bincount.kfp import stages
+
+    return stages.audit_report(store, name, threshold, top, report, report_markdown, summary)
+
+
+COMPONENTS = {c.name: c for c in (download, prepare, tune, train, evaluate, deploy, skip_deploy, audit_plan,
+                                  audit_count, audit_report)}

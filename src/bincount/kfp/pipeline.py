@@ -1,6 +1,8 @@
-"""The bin-counting pipeline: download → prepare (+EDA) → tune → train → evaluate → deploy if good enough.
+"""The bin-counting pipeline: download → prepare (+EDA) → tune → train → evaluate → deploy if good enough; and the
+audit pipeline: plan → count (worker processes or an indexed Job) → report.
 
-Compiled into pipelines/bin_counting.yaml for `kfp run create`, and run as is by `bincount pipeline run`
+Compiled into pipelines/bin_counting.yaml and pipelines/bin_audit.yaml for `kfp run create`; the first is run as
+is by `bincount pipeline run`
 through kfp.local. The defaults here are a cluster's (Kubeflow, MinIO, GPU workers, the kubernetes backend);
 `bincount.kfp.local_run.QUICKSTART` holds the local ones. No `from __future__ import annotations`: KFP reads
 the types from the annotations.
@@ -128,3 +130,55 @@ def bin_counting(
                    test_metrics=evaluated.outputs["test_metrics"],
                    confusion_matrix=evaluated.outputs["confusion_matrix"],
                    deployment=dsl.OneOf(deployed.output, skipped.output))
+
+
+AUDIT_NAME = "bin-audit"
+AuditOutputs = NamedTuple("AuditOutputs", [("report", HTML), ("summary", Metrics), ("flagged", int)])
+
+
+@dsl.pipeline(name=AUDIT_NAME)
+def bin_audit(
+    store: str = CLUSTER.store,
+    model: str = "bincount-train",
+    dataset: str = "",
+    split: str = "",
+    ids: str = "",
+    all_images: bool = True,
+    after: str = "",
+    modified_after: str = "",
+    expected: str = "metadata",
+    name: str = "audit-{date}",
+    shard_size: int = 512,
+    workers: int = 4,
+    backend: str = "kubernetes",
+    threshold: float = 0.5,
+    top: int = 50,
+) -> AuditOutputs:
+    """Count the bins in the store with a trained model and rank them by how likely their expected quantity is
+    wrong (p_mismatch = 1 - P(count = expected)).
+
+    Args:
+        store: Where the photos (raw/), the model and the audit (audits/NAME/) live.
+        model: A run name under the store (models/RUN) or a model URI.
+        dataset: With split: audit one split of a prepared dataset.
+        split: train, val or test.
+        ids: Comma-separated bin ids (strings: 221 and 00221 differ).
+        all_images: Every photo under raw/bin-images/ (when neither dataset nor ids is given).
+        after: With all_images: only keys that sort after this one.
+        modified_after: With all_images: only photos written after this ISO 8601 time or in the last 24h, 7d, ...
+        expected: metadata (ABID's EXPECTED_QUANTITY) or an s3:// CSV with header key,expected.
+        name: The audit's name; {date} becomes the UTC date. A retried run resumes it.
+        shard_size: Bins per result shard, the unit of resumption.
+        workers: Worker processes (local) or pods of the indexed Job (kubernetes).
+        backend: kubernetes (an indexed Job) or local (processes in the step).
+        threshold: p_mismatch at or above which a bin is flagged.
+        top: Bins shown with their photos in the report.
+    """
+    planned = _on_cluster(c.audit_plan(store=store, model=model, dataset=dataset, split=split, ids=ids,
+                                       all_images=all_images, after=after, modified_after=modified_after,
+                                       expected=expected, name=name, shard_size=shard_size), WORKING)
+    counted = _on_cluster(c.audit_count(store=store, name=planned.output, backend=backend, workers=workers),
+                          WORKING)
+    reported = _on_cluster(c.audit_report(store=store, name=counted.output, threshold=threshold, top=top), WORKING)
+    return AuditOutputs(report=reported.outputs["report"], summary=reported.outputs["summary"],
+                        flagged=reported.outputs["Output"])

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from bincount.config import (DownloadConfig, EdaConfig, EvaluateConfig, JobResources, PrepareConfig, ServeConfig,
+from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, JobResources, PrepareConfig, ServeConfig,
                              ServeJob, SyntheticConfig, TrainJob, TuneJob, from_dict, load_train_config, to_dict)
 from bincount.errors import BincountError, ConfigError
 from bincount.store import Store, open_store
@@ -262,6 +262,51 @@ def skip_deploy(accuracy: float, threshold: float) -> str:
     reason = f"test accuracy {accuracy:.4f} is below the deploy threshold {threshold:.4f}"
     _result(f"not deployed: {reason}")
     return json.dumps({"deployed": False, "reason": reason, "test_accuracy": accuracy})
+
+
+@stage
+def audit_plan(store: str, model: str, dataset: str, split: str, ids: str, all_images: bool, after: str,
+               modified_after: str, expected: str, name: str, shard_size: int) -> str:
+    """The audit's plan in the store (or the one already there: a retried run resumes); returns its name."""
+    from bincount.audit.plan import make_plan
+
+    plan = make_plan(AuditConfig(store=store, model=model, dataset=dataset, split=split,
+                                 ids=[i for i in ids.split(",") if i], all=all_images, after=after,
+                                 modified_after=modified_after, expected=expected, name=name, shard_size=shard_size))
+    _result(f"{plan.bins} bins in {plan.shards} shard(s) → audits/{plan.name}/")
+    return plan.name
+
+
+@stage
+def audit_count(store: str, name: str, backend: str, workers: int) -> str:
+    """Every shard of the planned audit, by the backend's workers; returns the audit's name."""
+    from bincount.backends import get_backend
+
+    get_backend(backend).audit(AuditConfig(store=store, model="", workers=workers), name)
+    _result(f"every shard of audits/{name}/ counted by {workers} {backend} worker(s)")
+    return name
+
+
+@stage
+def audit_report(store: str, name: str, threshold: float, top: int, report: Any, report_markdown: Any,
+                 summary: Any) -> int:
+    """The shards merged into the report, also as the step's artifacts; returns how many bins were flagged."""
+    from bincount.audit.plan import audit_prefix
+    from bincount.audit.report import write_report
+
+    result = write_report(store, name, threshold, top)
+    _fetch(open_store(store), {Path(report.path): f"{audit_prefix(name)}/report.html",
+                               Path(report_markdown.path): f"{audit_prefix(name)}/report.md"})
+    s = result.summary
+    for key in ("bins", "audited", "with_expected", "flagged", "disagreements", "expected_precision", "agreement"):
+        if s[key] is not None:
+            summary.log_metric(key, s[key])
+    for artifact in (report, report_markdown, summary):
+        artifact.metadata.update(store=store, audit=name)
+    print(result.line(), flush=True)
+    _result(f"{s['flagged']} of {s['audited']} bins flagged (expected precision "
+            f"{'n/a' if s['expected_precision'] is None else format(s['expected_precision'], '.3f')})")
+    return int(s["flagged"])
 
 
 def _settings(values: dict[str, Any]) -> str:

@@ -1,0 +1,201 @@
+"""The audit's results in one place: every shard merged, bins ranked by p_mismatch, and the report a person reads
+(`report.md`, and `report.html` with the histogram and thumbnails inlined, so it opens offline as one file).
+
+With calibrated probabilities, a flagged bin's expected quantity is wrong with probability p_mismatch, so the mean
+p_mismatch of the flagged bins estimates the precision of the flags; the validation split's calibration error
+(from model.json) says how far to trust that estimate.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from PIL import Image
+
+from bincount.audit.plan import Plan, audit_prefix, load_plan, shard_key
+from bincount.data.abid import image_key
+from bincount.errors import BincountError
+from bincount.model.exported import META_FILE
+from bincount.store import KeyNotFoundError, Store, open_store
+
+THUMBNAIL = 160
+READ_THREADS = 16
+
+
+@dataclass
+class AuditResult:
+    uri: str
+    summary: dict
+
+    def line(self) -> str:
+        s = self.summary
+        failed = sum(s["image_failures"].values())
+        problems = ", ".join(f"{n} {reason}" for reason, n in s["expected_problems"].items())
+        return (f"audited {s['audited']} of {s['bins']} bins ({failed} image(s) unreadable); {s['flagged']} flagged "
+                f"at p_mismatch ≥ {s['threshold']} (expected precision {_pct(s['expected_precision'])}); "
+                + (f"no usable expected quantity: {problems}; " if problems else "")
+                + f"report: {self.uri}/report.html")
+
+
+def merge(store: Store, name: str) -> tuple[Plan, list[dict]]:
+    """Every bin's record, in work-list order; fails while shards are missing."""
+    plan = load_plan(store, name)
+    missing = [s for s in range(plan.shards) if not store.exists(shard_key(name, s))]
+    if missing:
+        raise BincountError(f"audit {name!r} is incomplete: {len(missing)} of {plan.shards} shard(s) missing; "
+                            "rerun the audit to finish it")
+    return plan, [json.loads(line) for s in range(plan.shards)
+                  for line in store.get_text(shard_key(name, s)).splitlines()]
+
+
+def ranked(records: list[dict]) -> list[dict]:
+    """Bins with a p_mismatch, most suspicious first (ties by key, so the order is stable)."""
+    return sorted((r for r in records if "p_mismatch" in r), key=lambda r: (-r["p_mismatch"], r["key"]))
+
+
+def summarize(plan: Plan, records: list[dict], threshold: float, validation: dict) -> dict:
+    counted = [r for r in records if "count" in r]
+    known = [r for r in counted if r["expected"] is not None]
+    flagged = [r for r in known if r["p_mismatch"] >= threshold]
+    per_class = {}
+    for c in plan.classes:
+        rows = [r for r in known if r["expected"] == c]
+        per_class[str(c)] = {"bins": len(rows), "agreement": _ratio(sum(r["count"] == c for r in rows), len(rows))}
+    problems = Counter(r["expected_problem"] for r in records if r.get("expected_problem"))
+    problems.update(plan.csv_problems)
+    return {"name": plan.name, "model": plan.model, "bins": len(records), "audited": len(counted),
+            "with_expected": len(known), "threshold": threshold, "flagged": len(flagged),
+            "expected_precision": _ratio(sum(r["p_mismatch"] for r in flagged), len(flagged)),
+            "disagreements": sum(r["count"] != r["expected"] for r in known),
+            "agreement": _ratio(sum(r["count"] == r["expected"] for r in known), len(known)),
+            "per_class": per_class, "image_failures": dict(sorted(Counter(r["error"] for r in records
+                                                                          if "error" in r).items())),
+            "expected_problems": dict(sorted(problems.items())),
+            "validation_ece": validation.get("ece")}
+
+
+def write_report(store_uri: str, name: str, threshold: float = 0.5, top: int = 50) -> AuditResult:
+    """summary.json, p_mismatch.png, report.md and report.html under audits/<name>/."""
+    store = open_store(store_uri)
+    plan, records = merge(store, name)
+    validation = _validation(plan.model)
+    summary = summarize(plan, records, threshold, validation)
+    order = ranked(records)
+    histogram = histogram_png([r["p_mismatch"] for r in order], threshold)
+    thumbnails = _thumbnails(store, [r["key"] for r in order[:top]])
+    prefix = audit_prefix(name)
+    store.put_text(f"{prefix}/summary.json", json.dumps(summary, indent=2) + "\n")
+    store.put(f"{prefix}/p_mismatch.png", histogram)
+    store.put_text(f"{prefix}/report.md", markdown(summary, order[:top], plan.classes))
+    store.put_text(f"{prefix}/report.html", html_report(summary, order[:top], plan.classes, histogram, thumbnails))
+    return AuditResult(store.url(prefix), summary)
+
+
+def _validation(model: str) -> dict:
+    try:
+        parent = open_store(model)
+        return json.loads(parent.get_text(META_FILE)).get("validation") or {}
+    except KeyNotFoundError:
+        return {}
+
+
+def _ratio(a: float, b: int) -> float | None:
+    return a / b if b else None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def histogram_png(values: list[float], threshold: float) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(values, bins=40, range=(0, 1), color="#4477aa")
+    ax.axvline(threshold, color="#cc3311", linestyle="--", label=f"threshold {threshold}")
+    ax.set(xlabel="p_mismatch = 1 − P(count = expected)", ylabel="bins", yscale="log" if values else "linear",
+           title="how likely each bin's expected quantity is wrong")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _thumbnails(store: Store, keys: list[str]) -> dict[str, str]:
+    """key → base64 JPEG thumbnail (keys whose image cannot be read again are left out)."""
+    def one(key: str) -> tuple[str, str | None]:
+        try:
+            with Image.open(io.BytesIO(store.get(image_key(key)))) as image:
+                image.thumbnail((THUMBNAIL, THUMBNAIL))
+                out = io.BytesIO()
+                image.convert("RGB").save(out, "JPEG", quality=80)
+            return key, base64.b64encode(out.getvalue()).decode()
+        except (KeyNotFoundError, OSError, SyntaxError, ValueError):
+            return key, None
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return {k: v for k, v in pool.map(one, keys) if v}
+
+
+def _totals(summary: dict) -> list[tuple[str, str]]:
+    s = summary
+    rows = [("bins", str(s["bins"])), ("audited (image read)", str(s["audited"])),
+            ("with an expected quantity", str(s["with_expected"])),
+            (f"flagged (p_mismatch ≥ {s['threshold']})", str(s["flagged"])),
+            ("expected precision of the flags", _pct(s["expected_precision"])),
+            ("predicted ≠ expected", str(s["disagreements"])), ("agreement", _pct(s["agreement"]))]
+    if s["validation_ece"] is not None:
+        rows.append(("calibration error on validation (ECE)", f"{s['validation_ece']:.4f}"))
+    rows += [(f"unreadable image: {k}", str(v)) for k, v in s["image_failures"].items()]
+    rows += [(f"no expected quantity: {k}", str(v)) for k, v in s["expected_problems"].items()]
+    return rows
+
+
+def markdown(summary: dict, top: list[dict], classes: list[int]) -> str:
+    lines = [f"# Audit {summary['name']}", "", f"Model: `{summary['model']}`", "", "| total | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _totals(summary)]
+    lines += ["", "## Agreement per expected count", "", "| expected | bins | predicted = expected |", "|---|---|---|"]
+    lines += [f"| {c} | {v['bins']} | {_pct(v['agreement'])} |" for c, v in summary["per_class"].items()]
+    lines += ["", "![p_mismatch histogram](p_mismatch.png)", "", f"## Top {len(top)} bins by p_mismatch", "",
+              "| key | expected | predicted | p_mismatch | " + " | ".join(f"P({c})" for c in classes) + " |",
+              "|---" * (4 + len(classes)) + "|"]
+    lines += [f"| {r['key']} | {r['expected']} | {r['count']} | {r['p_mismatch']:.3f} | "
+              + " | ".join(f"{r['probabilities'][str(c)]:.3f}" for c in classes) + " |" for r in top]
+    return "\n".join(lines) + "\n"
+
+
+def html_report(summary: dict, top: list[dict], classes: list[int], histogram: bytes,
+                thumbnails: dict[str, str]) -> str:
+    e = html.escape
+    totals = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _totals(summary))
+    agreement = "".join(f"<tr><td>{c}</td><td>{v['bins']}</td><td>{_pct(v['agreement'])}</td></tr>"
+                        for c, v in summary["per_class"].items())
+    head = "".join(f"<th>P({c})</th>" for c in classes)
+    rows = "".join(
+        f"<tr><td>{_img(thumbnails.get(r['key']), r['key'])}</td><td>{e(r['key'])}</td><td>{r['expected']}</td>"
+        f"<td>{r['count']}</td><td>{r['p_mismatch']:.3f}</td>"
+        + "".join(f"<td>{r['probabilities'][str(c)]:.3f}</td>" for c in classes) + "</tr>" for r in top)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Audit {e(summary['name'])}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}</style></head><body>"
+            f"<h1>Audit {e(summary['name'])}</h1><p>Model: <code>{e(summary['model'])}</code></p>"
+            f"<table>{totals}</table><h2>Agreement per expected count</h2>"
+            f"<table><tr><th>expected</th><th>bins</th><th>predicted = expected</th></tr>{agreement}</table>"
+            f"<img alt='p_mismatch histogram' src='data:image/png;base64,{base64.b64encode(histogram).decode()}'>"
+            f"<h2>Top {len(top)} bins by p_mismatch</h2><table><tr><th>photo</th><th>key</th><th>expected</th>"
+            f"<th>predicted</th><th>p_mismatch</th>{head}</tr>{rows}</table></body></html>\n")
+
+
+def _img(b64: str | None, key: str) -> str:
+    return f"<img alt='{html.escape(key)}' src='data:image/jpeg;base64,{b64}'>" if b64 else "(unreadable)"
