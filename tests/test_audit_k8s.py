@@ -22,7 +22,7 @@ from bincount.audit.kubernetes import job_name
 from bincount.audit.local import worker_argv
 from bincount.backends import KubernetesBackend
 from bincount.config import AuditConfig, ClusterConfig, JobResources
-from bincount.k8s import manifests
+from bincount.k8s import manifests, platform
 from bincount.k8s.resources import audit_cronjob, audit_job
 from bincount.store import open_store
 from serve_support import export_model, real_photos
@@ -43,7 +43,14 @@ def test_the_indexed_job_splits_the_shards_among_its_pods_and_is_valid():
     container = pod["containers"][0]
     args = cli.build_parser().parse_args(container["args"])
     assert args.func is cli.cmd_audit_worker and args.index is None and args.count == 3   # index from the pod
-    assert {e["name"] for e in container["env"]} >= {"S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert "S3_ENDPOINT" in env and not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    # the S3 Secret is mounted as files, and the store reads the paths from AWS_*_FILE
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "s3-credentials")
+    volume = next(v for v in pod["volumes"] if v["name"] == "s3-credentials")
+    assert volume["secret"]["secretName"] == CLUSTER.s3_secret and mount["readOnly"]
+    assert env["AWS_SECRET_ACCESS_KEY_FILE"] == f"{mount['mountPath']}/AWS_SECRET_ACCESS_KEY"
+    assert env["AWS_ACCESS_KEY_ID_FILE"] == f"{mount['mountPath']}/AWS_ACCESS_KEY_ID"
 
 
 def test_the_cronjob_runs_the_whole_audit_each_night_and_is_valid():
@@ -76,7 +83,8 @@ def test_checkov_finds_nothing_to_fix_in_the_audit_job_and_cronjob(tmp_path):
     binary = tool("checkov", "CHECKOV")
     resources = JobResources(workers=2)
     docs = [audit_job("audit-x-123456", worker_argv(CFG, "x", None, 2), resources, CLUSTER),
-            audit_cronjob("bincount-audit", "0 2 * * *", manifests.audit_args(resources, CLUSTER), resources, CLUSTER)]
+            audit_cronjob("bincount-audit", "0 2 * * *", manifests.audit_args(resources, CLUSTER), resources, CLUSTER),
+            platform.audit_policy(CLUSTER)]
     path = tmp_path / "audit.yaml"
     path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     done = subprocess.run([binary, "--skip-download", "--compact", "--output", "json", "--framework", "kubernetes",
@@ -85,6 +93,9 @@ def test_checkov_finds_nothing_to_fix_in_the_audit_job_and_cronjob(tmp_path):
     report = json.loads(done.stdout)
     assert report["summary"]["passed"] > 0
     assert [c["check_id"] for c in report["results"]["failed_checks"]] == []
+    skipped = report["results"]["skipped_checks"]
+    assert {c["check_id"] for c in skipped} == {"CKV_K8S_43"}
+    assert all(len(c["check_result"]["suppress_comment"]) >= 30 for c in skipped)
 
 
 def test_the_kubernetes_backend_runs_the_audit_as_an_indexed_job(api, cluster, s3_env, abid_sample, tmp_path):

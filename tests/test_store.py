@@ -133,6 +133,25 @@ def test_settings_from_env(monkeypatch):
     assert (s.endpoint, s.secure, s.access_key) == ("minio.bincount:9000", False, None)
 
 
+def test_credentials_come_from_the_files_a_pod_mounts(auth_s3_server, monkeypatch, tmp_path):
+    """Pods mount the S3 Secret as files and name them in AWS_*_FILE; the key read there reaches the server."""
+    (tmp_path / "id").write_text("FILEKEY\n")
+    (tmp_path / "secret").write_text("file-secret")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID_FILE", str(tmp_path / "id"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY_FILE", str(tmp_path / "secret"))
+    monkeypatch.setenv("S3_ENDPOINT", auth_s3_server)
+    monkeypatch.setenv("S3_SECURE", "0")
+    settings = S3Settings.from_env()
+    assert (settings.access_key, settings.secret_key) == ("FILEKEY", "file-secret")
+    with pytest.raises(CredentialsError, match="refused access key 'FILEKEY'"):
+        S3Store("bucket", "", settings).check()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY_FILE", str(tmp_path / "gone"))
+    with pytest.raises(CredentialsError, match=f"cannot read AWS_SECRET_ACCESS_KEY from {tmp_path / 'gone'}"):
+        S3Settings.from_env()
+
+
 def test_missing_bucket_is_a_clear_error(s3_server):
     store = S3Store("no-such-bucket", "", S3Settings(s3_server.endpoint, "testing", "testing", secure=False))
     with pytest.raises(BucketNotFoundError, match="bucket 'no-such-bucket' does not exist"):

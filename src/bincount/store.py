@@ -75,11 +75,23 @@ class S3Settings:
         secure_default = "1" if endpoint.endswith("amazonaws.com") else "0"
         return cls(
             endpoint=_strip_scheme(endpoint),
-            access_key=env.get("AWS_ACCESS_KEY_ID") or None,
-            secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            access_key=_env_or_file("AWS_ACCESS_KEY_ID"),
+            secret_key=_env_or_file("AWS_SECRET_ACCESS_KEY"),
             secure=env.get("S3_SECURE", secure_default).strip().lower() in ("1", "true", "yes"),
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
         )
+
+
+def _env_or_file(name: str) -> str | None:
+    """`NAME`, or the contents of the file `NAME_FILE` names: pods mount the S3 Secret as files rather than put it
+    in their environment (MinIO's own `_FILE` convention)."""
+    path = os.environ.get(f"{name}_FILE")
+    if path and not os.environ.get(name):
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError as e:
+            raise CredentialsError(f"cannot read {name} from {path} (${name}_FILE): {e.strerror}") from None
+    return os.environ.get(name) or None
 
 
 def _strip_scheme(endpoint: str) -> str:

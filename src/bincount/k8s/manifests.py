@@ -107,7 +107,8 @@ def stages(profile: Profile, cluster: ClusterConfig) -> dict[str, dict[str, list
                  "rbac.yaml": platform.access(cluster),
                  "store.yaml": [platform.store_config(cluster)],
                  "minio.yaml": platform.minio(cluster, profile.minio_storage),
-                 "bucket-job.yaml": platform.bucket_job(cluster)},
+                 "bucket-job.yaml": platform.bucket_job(cluster),
+                 "audit-policy.yaml": [platform.audit_policy(cluster)]},
         "training": {STAGE_FILES["training"]: [pytorchjob(TRAIN_RUN, profile.train_args, profile.training, cluster)]},
         "tuning": {STAGE_FILES["tuning"]: [experiment(profile.experiment, cluster)]},
         "serving": {STAGE_FILES["serving"]: [inference_service(

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from bincount.config import ClusterConfig
-from bincount.k8s.resources import container_security, labels, pod_security, scratch_volume, store_settings
+from bincount.k8s.resources import (CREDENTIALS_DIR, container_security, credentials_volume, labels, pod_security,
+                                     scratch_volume, store_settings)
 
 # Third-party images are pinned by tag and digest (the multi-arch index), so `Always` only re-verifies them.
 MINIO_IMAGE = ("quay.io/minio/minio:RELEASE.2025-09-07T16-13-09Z"
@@ -18,7 +19,6 @@ MC_IMAGE = ("quay.io/minio/mc:RELEASE.2025-08-13T08-35-41Z"
             "@sha256:a7fe349ef4bd8521fb8497f55c6042871b2ae640607cf99d9bede5e9bdf11727")
 MINIO_PORT = 9000
 CONSOLE_PORT = 9001
-CREDENTIALS_DIR = "/etc/bincount/s3"
 
 # What the pipeline's launchers do: create and follow the stage resources, read their pods' state and logs.
 PIPELINE_RULES = [
@@ -44,17 +44,17 @@ def _meta(name: str, cluster: ClusterConfig, component: str, **extra: Any) -> di
     return {"name": name, "namespace": cluster.namespace, "labels": labels(component), **extra}
 
 
-def _credentials(cluster: ClusterConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The S3 Secret as read-only files (group-readable through fsGroup), not as environment variables."""
-    return ({"name": "s3-credentials", "secret": {"secretName": cluster.s3_secret, "defaultMode": 0o440}},
-            {"name": "s3-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
-
-
 def _ingress_policy(name: str, cluster: ClusterConfig, component: str, pods: dict[str, str],
                     ingress: list[dict[str, Any]]) -> dict[str, Any]:
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": _meta(name, cluster, component),
             "spec": {"podSelector": {"matchLabels": pods}, "policyTypes": ["Ingress"], "ingress": ingress}}
+
+
+def audit_policy(cluster: ClusterConfig) -> dict[str, Any]:
+    """Audit pods (the nightly CronJob's and those of every `bincount audit --backend kubernetes` Job) serve
+    nothing: no ingress. It lives in the platform, so a launched Job is covered without the audit stage."""
+    return _ingress_policy("bincount-audit", cluster, "audit", labels("audit"), [])
 
 
 def namespace(cluster: ClusterConfig) -> dict[str, Any]:
@@ -98,7 +98,7 @@ def minio(cluster: ClusterConfig, storage: str) -> list[dict[str, Any]]:
     """One MinIO server on a PVC; its root credentials are the S3 Secret's keys. Only its two ports are
     reachable, from any namespace: KFP steps, trials and KServe's storage initializer all use the store."""
     scratch, scratch_mount = scratch_volume()
-    secret, secret_mount = _credentials(cluster)
+    secret, secret_mount = credentials_volume(cluster)
     selector = labels("storage")
     health = {"port": MINIO_PORT, "scheme": "HTTP"}
     container = {
@@ -146,7 +146,7 @@ def bucket_job(cluster: ClusterConfig) -> list[dict[str, Any]]:
     """Creates the store's bucket once MinIO answers; idempotent, so re-applying the overlay is harmless. Its
     pod accepts no connections."""
     scratch, scratch_mount = scratch_volume()
-    secret, secret_mount = _credentials(cluster)
+    secret, secret_mount = credentials_volume(cluster)
     pods = labels("storage-bootstrap")
     script = (f'until mc alias set store "http://{cluster.s3_endpoint}" "$(cat {CREDENTIALS_DIR}/AWS_ACCESS_KEY_ID)" '
               f'"$(cat {CREDENTIALS_DIR}/AWS_SECRET_ACCESS_KEY)"; do sleep 5; done\n'
