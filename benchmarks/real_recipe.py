@@ -56,6 +56,7 @@ TRAINED: dict[str, dict] = {
     "-counting augment (flip)": {"augment": "flip"},
     "-lower backbone lr": {"backbone_lr_scale": 1.0},
     "at 288 px": {"image_size": 288},
+    "frozen to blocks.1 for 15 epochs": {"freeze": "blocks.1", "epochs": 15},
 }
 DERIVED: dict[str, dict] = {
     "-tta": {"tta": "none"},
