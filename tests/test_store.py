@@ -68,6 +68,15 @@ def test_streaming_large_object_roundtrip(store, tmp_path):
     assert not list(out.parent.glob(".*.part"))
 
 
+def test_a_ranged_open_streams_exactly_that_window(store):
+    payload = bytes(range(256)) * 40
+    store.put("blobs/range.bin", payload)
+    with store.open("blobs/range.bin", 1000, 3000) as f:
+        assert f.read(100) + f.read() == payload[1000:4000]
+    with store.open("blobs/range.bin", 9000) as f:
+        assert f.read() == payload[9000:]
+
+
 def test_keys_are_strings_not_numbers(store):
     store.put("raw/metadata/221.json", b"short")
     store.put("raw/metadata/00221.json", b"padded")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import random
 import re
@@ -114,8 +115,9 @@ class Store:
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def open(self, key: str) -> Iterator[BinaryIO]:
-        """Stream an object for reading without holding it in memory."""
+    def open(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[BinaryIO]:
+        """Stream bytes [offset, offset + length) of an object (to its end without `length`), not held in memory:
+        a shard reader starts at any sample with one ranged GET."""
         raise NotImplementedError
         yield
 
@@ -185,13 +187,14 @@ class LocalStore(Store):
             return f.read() if length is None else f.read(length)
 
     @contextlib.contextmanager
-    def open(self, key: str) -> Iterator[BinaryIO]:
+    def open(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[BinaryIO]:
         try:
             f = open(self._path(key), "rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise KeyNotFoundError(f"no object {key!r} in {self.uri}") from None
         with f:
-            yield f
+            f.seek(offset)
+            yield f if length is None else _Window(f, length)
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -270,6 +273,21 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class _Window(io.RawIOBase):
+    """At most `length` bytes of a file, from where it stands: a local ranged read ends where S3's would."""
+
+    def __init__(self, f: BinaryIO, length: int):
+        self.f, self.left = f, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self.f.readinto(memoryview(buf)[:min(len(buf), self.left)]) if self.left else 0
+        self.left -= n
+        return n
 
 
 @contextlib.contextmanager
@@ -408,8 +426,9 @@ class S3Store(Store):
         return self._call("read", key, fetch)
 
     @contextlib.contextmanager
-    def open(self, key: str) -> Iterator[BinaryIO]:
-        resp = self._call("read", key, lambda: self.client.get_object(self.bucket, self._name(key)))
+    def open(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[BinaryIO]:
+        resp = self._call("read", key, lambda: self.client.get_object(self.bucket, self._name(key), offset=offset,
+                                                                      length=length or 0))
         try:
             yield resp
         finally:
@@ -417,8 +436,6 @@ class S3Store(Store):
             resp.release_conn()
 
     def put(self, key: str, data: bytes) -> None:
-        import io
-
         self._call("write", key, lambda: self.client.put_object(
             self.bucket, self._name(key), io.BytesIO(data), len(data)))
 
