@@ -206,6 +206,18 @@ def test_two_torchrun_nodes_train_from_shards_in_lockstep(packed, tmp_path):
     assert sum(out.count(" epoch=") for out, _ in outs) == 2           # rank 0 alone prints the metric lines
 
 
+def test_the_frozen_backbone_computes_its_feature_cache_from_shards(packed, tmp_path, capsys):
+    args = tiny_args(packed, tmp_path / "c", epochs=1, data="shards", freeze="backbone", seed=5)
+    assert main(["train", *args, "--run", "frozen"]) == 0
+    err = "\n".join(_errors(capsys))
+    assert "data: shards" in err and err.count("features: computed") == 2
+    assert not (tmp_path / "c").exists()
+    index = _index(packed)
+    key = next(o.key for o in open_store(packed).list(f"datasets/{DATASET}/cache/features/") if "/train-" in o.key)
+    blob = torch.load(io.BytesIO(open_store(packed).get(key)), weights_only=True)
+    assert blob["labels"].tolist() == [CLASSES.index(i.label) for i in index.items()]     # in the shards' order
+
+
 def test_evaluate_reads_the_test_shards_and_agrees_with_the_cache(packed, tmp_path, capsys):
     assert main(["train", *tiny_args(packed, tmp_path / "c", epochs=1, data="shards"), "--run", "ev"]) == 0
     results = {}

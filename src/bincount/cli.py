@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bincount.backends import BACKENDS, get_backend
-from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig,
+from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig, ShardConfig,
                              SyntheticConfig, TuneJob, load_config)
 from bincount.errors import BincountError, exit_status
 from bincount.train import entry as train_entry
@@ -51,6 +51,14 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(prepare(cfg).summary())
 
 
+def cmd_shard(args: argparse.Namespace) -> None:
+    from bincount.data.shards import pack
+
+    cfg = load_config(ShardConfig, args.config, _options(
+        args, "store", "name", "image_size", "quality", "eval_encoding", "shard_samples", "splits", "seed", "workers"))
+    print(pack(cfg).summary())
+
+
 def cmd_eda(args: argparse.Namespace) -> None:
     from bincount.data.eda import build_report
 
@@ -67,7 +75,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from bincount.evaluate import evaluate
 
     cfg = load_config(EvaluateConfig, args.config, _options(
-        args, "store", "model", "dataset", "split", "out", "batch_size", "workers", "cache_dir", "device",
+        args, "store", "model", "dataset", "split", "out", "batch_size", "workers", "cache_dir", "data", "device",
         "precision"))
     print(evaluate(cfg).summary())
 
@@ -285,6 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_prepare)
 
+    p = data_cmds.add_parser("shard", help="pack a prepared dataset into shards that training streams from the "
+                             "store → datasets/NAME/shards/")
+    p.add_argument("--store", help="store root holding datasets/NAME/")
+    p.add_argument("--name", help="dataset name")
+    p.add_argument("--image-size", type=int, help="size of the squares in px: the training size (default 224)")
+    p.add_argument("--quality", type=int, help="JPEG quality of the train split (default 95)")
+    p.add_argument("--eval-encoding", choices=["png", "jpeg"], help="val/test images: png (lossless, default) or "
+                   "jpeg")
+    p.add_argument("--shard-samples", type=int, help="samples per shard (default 2000)")
+    p.add_argument("--splits", help="comma-separated splits to pack (default train,val,test)")
+    p.add_argument("--seed", type=int, help="the order of samples in the shards (default 0)")
+    p.add_argument("--workers", type=int, help="threads reading and encoding photos (default 8)")
+    _add_config(p)
+    p.set_defaults(func=cmd_shard)
+
     p = data_cmds.add_parser("eda", help="plots and report of a prepared dataset → reports/NAME/eda/")
     p.add_argument("--store", help="store root")
     p.add_argument("--name", help="dataset name")
@@ -305,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--cache-dir", help="node-local image cache")
+    p.add_argument("--data", choices=["auto", "shards", "cache"], help="read the split from its shards or through "
+                   "the image cache (default auto: shards where packed)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"],
                    help="default auto: bf16 where fast, as `bincount serve` does")

@@ -77,6 +77,25 @@ class PrepareConfig:
 
 
 @dataclass
+class ShardConfig:
+    """A prepared dataset packed into streamable shards under `datasets/<name>/shards/<split>/`.
+
+    Quality measured on 100 real photos at 224 px: JPEG 95 is 14.6 KiB a square and decodes in 0.3 ms (mean
+    absolute pixel change 1.4 of 255, below the training colour jitter); lossless PNG is 69 KiB and 1.9 ms.
+    """
+
+    store: str
+    name: str
+    image_size: int = 224                       # the training size: the shards hold the model's input squares
+    quality: int = 95                           # JPEG quality of the train split
+    eval_encoding: str = "png"                  # val/test: png (lossless: evaluate sees what serve sees) or jpeg
+    shard_samples: int = 2000                   # ~30 MB shards of 224 px JPEG squares
+    splits: tuple[str, ...] = ("train", "val", "test")
+    seed: int = 0
+    workers: int = 8                            # threads fetching, decoding and encoding photos
+
+
+@dataclass
 class EdaConfig:
     """The exploratory report of one prepared dataset, written to `reports/<name>/eda/`."""
 
@@ -132,6 +151,9 @@ class TrainConfig:
     prefetch_workers: int = 16                  # threads filling the local image cache
     cache_dir: str = ""                         # local image cache; "": $BINCOUNT_CACHE or ~/.cache/bincount
     feature_cache: bool = True
+    data: str = "auto"                          # shards (streamed from the store), cache, or auto: shards if packed
+    shuffle_buffer: int = 1000                  # shards: samples each DataLoader worker shuffles among
+    prefetch_factor: int = 2                    # batches each DataLoader worker keeps ready
     device: str = "auto"                        # auto, cpu, cuda
     profile: int = 0                            # steps to trace with torch.profiler; 0: off
     resume: bool = True
@@ -141,7 +163,7 @@ class TrainConfig:
 # other key travels as `--set key=value`. The search space tunes only these.
 TRAIN_FLAGS = ("store", "dataset", "run", "recipe", "arch", "weights", "freeze", "image_size", "epochs", "batch_size", "lr",
                "optimizer", "schedule", "weight_decay", "warmup_epochs", "label_smoothing", "precision", "patience",
-               "seed", "workers", "cache_dir", "device", "profile")
+               "seed", "workers", "cache_dir", "data", "device", "profile")
 
 
 @dataclass
@@ -156,6 +178,7 @@ class EvaluateConfig:
     batch_size: int = 64
     workers: int = -1
     cache_dir: str = ""
+    data: str = "auto"                          # shards, cache, or auto: the split's shards where they match
     device: str = "auto"
     precision: str = "auto"                     # auto (bf16 where the hardware has it, as served), bf16, fp32
 

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
 from bincount import metrics as measures
 from bincount.config import EvaluateConfig
-from bincount.data.dataset import BinImages, ImageCache, load_split
+from bincount.data import shards
+from bincount.data.dataset import BinImages, ImageCache, load_split, map_in_order
 from bincount.devices import pick_device
 from bincount.errors import ConfigError
 from bincount.model.exported import ExportedModel, Predictor
@@ -54,15 +55,20 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
     classes = model.classes
     store = open_store(cfg.store)
     items = load_split(store, cfg.dataset, cfg.split, classes)
-    cache = ImageCache(store, cfg.cache_dir, model.preprocessing.size)
-    cache.fill([item.key for item in items], PREFETCH_WORKERS)
-    images = BinImages(items, cache, classes)
+    index, _ = shards.choose(store, cfg.dataset, cfg.split, items, model.preprocessing.size, cfg.data)
+    if index is not None:
+        items = index.items()
+        images = shards.ShardStream(cfg.store, index, classes, batch_size=cfg.batch_size, ordered=True)
+    else:
+        cache = ImageCache(store, cfg.cache_dir, model.preprocessing.size)
+        cache.fill([item.key for item in items], PREFETCH_WORKERS)
+        images = BinImages(items, cache, classes)
     predictor = model.predictor(device, cfg.precision)
     log_probs, targets = predict_log_probs(predictor, images, cfg.batch_size, max(0, cfg.workers))
     probabilities = predictor.calibrate(log_probs)
     metrics = {"dataset": cfg.dataset, "split": cfg.split, "model": cfg.model, "arch": model.arch,
                "inference": model.describe()["inference"],
-               **measures.counting([classes[t] for t in images.targets], model.counts(probabilities), classes),
+               **measures.counting([classes[t] for t in targets.tolist()], model.counts(probabilities), classes),
                **measures.calibration(probabilities, targets)}
     out = open_store(cfg.out)
     out.check(write=True)
@@ -77,14 +83,10 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
     return EvalResult(out.uri, metrics)
 
 
-def predict_log_probs(predictor: Predictor, images: BinImages, batch_size: int,
+def predict_log_probs(predictor: Predictor, images: Dataset, batch_size: int,
                       workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The predictor's uncalibrated log-probabilities for every image, in order, and the images' class indices."""
-    out, targets = [], []
-    for x, y in DataLoader(images, batch_size=batch_size, num_workers=workers):
-        out.append(predictor.log_probs(x))
-        targets.append(y)
-    return torch.cat(out), torch.cat(targets)
+    return map_in_order(images, batch_size, workers, predictor.log_probs)
 
 
 def kfp_confusion_matrix(classes: Sequence[int], matrix: Sequence[Sequence[int]]) -> dict:

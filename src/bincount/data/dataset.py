@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from bincount.data.abid import image_key
 from bincount.data.prepare import dataset_key, read_manifest
@@ -36,8 +36,9 @@ class Item:
     label: int
 
 
-def load_split(store: Store, dataset: str, split: str, classes: Sequence[int]) -> list[Item]:
-    """The split's (key, label) items, checked line by line so a bad manifest fails here, not mid-epoch."""
+def load_split(store: Store, dataset: str, split: str, classes: Sequence[int] | None) -> list[Item]:
+    """The split's (key, label) items, checked line by line so a bad manifest fails here, not mid-epoch;
+    `classes` None takes any integer label."""
     where = store.url(dataset_key(dataset, f"{split}.jsonl"))
     try:
         records = read_manifest(store, dataset, split)
@@ -52,9 +53,9 @@ def load_split(store: Store, dataset: str, split: str, classes: Sequence[int]) -
         label = record.get("label") if isinstance(record, dict) else None
         if not isinstance(key, str) or not key or key in (".", "..") or "/" in key or "\\" in key:
             raise DataError(f"{where} line {n}: {record!r} has no valid string key")
-        if isinstance(label, bool) or not isinstance(label, int) or label not in classes:
+        if isinstance(label, bool) or not isinstance(label, int) or (classes is not None and label not in classes):
             raise DataError(f"{where} line {n}: label {label!r} of key {key!r} is not one of the classes "
-                            f"{', '.join(map(str, classes))}")
+                            f"{', '.join(map(str, classes or ()))}")
         items.append(Item(key, label))
     return items
 
@@ -131,3 +132,29 @@ class BinImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = torch.from_numpy(np.load(self.paths[i], allow_pickle=False))
         return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+def rank_range(n: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of n evaluation samples: the shares in rank order are all n, once."""
+    per = -(-n // world)
+    first = min(rank * per, n)
+    return range(first, min(first + per, n))
+
+
+def map_in_order(images: Dataset, batch_size: int, workers: int,
+                 fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fn` of every batch of inputs, and the class indices, in the dataset's order: also for an ordered shard
+    stream, whose DataLoader workers interleave their batches and so tag each sample with its position."""
+    outs, targets, positions = [], [], []
+    for batch in DataLoader(images, batch_size=batch_size, num_workers=workers):
+        outs.append(fn(batch[0]))
+        targets.append(batch[1])
+        if len(batch) == 3:
+            positions.append(batch[2])
+    if not outs:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    out, y = torch.cat(outs), torch.cat(targets)
+    if positions:
+        order = torch.cat(positions).argsort()
+        out, y = out[order], y[order]
+    return out, y

@@ -302,14 +302,16 @@ def _upload(store: Store, key: str, tmp) -> None:
 
 def choose(store: Store, dataset: str, split: str, items: Sequence[Item], image_size: int,
            mode: str) -> tuple[ShardIndex | None, str]:
-    """The index to stream `split` from, or None with the reason the image cache is used instead. `shards`
-    (forced) turns every reason into an error."""
+    """The index to stream `split` from, or None with the reason its shards cannot be used (none where it has
+    none). `shards` (forced) turns every reason into an error."""
     if mode not in DATA_MODES:
         raise ConfigError(f"unknown data {mode!r}; valid: {', '.join(DATA_MODES)}")
     if mode == "cache":
         return None, "data: cache"
     index = read_index(store, dataset, split)
     if index is None:
+        if mode == "auto":
+            return None, ""                         # nothing packed: nothing to explain
         reason = f"dataset {dataset!r} has no shards of its {split} split ({store.url(prefix(dataset, split))})"
     elif index.image_size != image_size:
         reason = f"the {split} shards hold {index.image_size} px squares, the model needs {image_size} px"

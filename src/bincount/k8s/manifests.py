@@ -87,12 +87,16 @@ def profiles(cluster: ClusterConfig) -> dict[str, Profile]:
         audit=JobResources(workers=1, cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="3Gi",
                            shm_size="512Mi"),
         minio_storage="10Gi", dev_credentials=True)
+    gpu_training = JobResources(workers=4, procs_per_worker=4, gpus_per_worker=4, cpu_request="16", cpu_limit="32",
+                                memory_request="96Gi", memory_limit="128Gi", shm_size="16Gi")
+    # each rank streams shards: its CPUs less the training process's own and one spare decode and augment, with
+    # four batches each in flight to cover MinIO's latency
+    loader = {"workers": gpu_training.cpu_threads - 2, "prefetch_factor": 4}
     gpu = Profile(
         name="gpu",
-        train_args=default.train_args,
-        training=JobResources(workers=4, procs_per_worker=4, gpus_per_worker=4, cpu_request="16", cpu_limit="32",
-                              memory_request="96Gi", memory_limit="128Gi", shm_size="16Gi"),
-        experiment=tuning(replace(search, parallel_trials=4)),
+        train_args=(*store, *trainer_args({"recipe": "abid", "epochs": 20, "precision": "bf16", **loader})),
+        training=gpu_training,
+        experiment=tuning(replace(search, parallel_trials=4, trial={**search.trial, **loader})),
         serving=ServingResources(min_replicas=1, max_replicas=5),
         audit=JobResources(workers=1, gpus_per_worker=1, cpu_request="8", cpu_limit="16", memory_request="16Gi",
                            memory_limit="32Gi"),

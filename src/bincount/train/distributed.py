@@ -91,6 +91,40 @@ def agree(d: Dist, error: BaseException | None) -> None:
     raise PeerError(f"rank {d.rank} stopped because rank {failed} failed")
 
 
+def next_batch(d: Dist, batches: Iterator[Any]) -> Any | None:
+    """Collective: the next batch of every rank's loader, or None on every rank once any loader runs dry (a
+    streamed epoch that skipped a corrupt image), so that all take the same steps; a loader's error is raised as
+    `agree` raises."""
+    batch = error = None
+    try:
+        batch = next(batches)
+    except StopIteration:
+        pass
+    except Exception as e:
+        error = _worker_error(e)
+    if d.world == 1:
+        if error is not None:
+            raise error
+        return batch
+    codes = torch.tensor([d.rank if error is not None else d.world, int(batch is not None)], device=d.device)
+    tdist.all_reduce(codes, op=tdist.ReduceOp.MIN)
+    failed, ready = codes.tolist()
+    if failed != d.world:
+        if error is not None and failed == d.rank:
+            raise error
+        raise PeerError(f"rank {d.rank} stopped because rank {failed} failed")
+    return batch if ready else None
+
+
+def _worker_error(e: Exception) -> Exception:
+    """A DataLoader worker's BincountError arrives with the worker's traceback as its message: keep its last line,
+    the message the user can act on."""
+    text = str(e).rstrip()
+    if isinstance(e, BincountError) and text.startswith("Caught "):
+        return type(e)(text.splitlines()[-1].split(": ", 1)[-1])
+    return e
+
+
 @contextlib.contextmanager
 def phase(d: Dist) -> Iterator[None]:
     error = None

@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="DataLoader workers per process (default: from the CPU count)")
     p.add_argument("--cache-dir", help="node-local image cache (default $BINCOUNT_CACHE or ~/.cache/bincount)")
+    p.add_argument("--data", choices=["auto", "shards", "cache"], help="stream the dataset's shards from the store, "
+                   "or fill the node-local image cache (default auto: shards where packed)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--profile", type=int, metavar="N", help="write a torch.profiler trace of N steps")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config key (repeatable)")

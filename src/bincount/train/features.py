@@ -3,7 +3,7 @@
 With `freeze: backbone` every epoch of the slow path recomputes the same backbone forward for every image.
 Here it runs once per (dataset split, architecture, starting weights, input size, precision); the features
 land under `datasets/<name>/cache/features/`, so every later run and every Katib or optuna trial on any node
-reuses them, and a head epoch costs milliseconds. Under DDP each rank computes a shard.
+reuses them, and a head epoch costs milliseconds. Under DDP each rank computes a contiguous share.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from bincount.data.dataset import Item
+from bincount.data.dataset import Item, map_in_order
+from bincount.data.shards import rank_part
 from bincount.store import Store
 from bincount.train import distributed
 from bincount.train.distributed import Dist
@@ -45,19 +46,21 @@ def extract(model: nn.Module, images: Dataset, batch_size: int, workers: int,
     head = model.get_submodule(name)
     model.set_submodule(name, nn.Identity())
     model.eval()
-    out = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return model(to_input(x)).float().cpu()
+
     try:
-        for x, _ in DataLoader(images, batch_size=batch_size, num_workers=workers, shuffle=False):
-            with autocast():
-                out.append(model(to_input(x)).float().cpu())
+        out, _ = map_in_order(images, batch_size, workers, forward)
     finally:
         model.set_submodule(name, head)
-    return torch.cat(out) if out else torch.empty(0, head.in_features)
+    return out if len(out) else torch.empty(0, head.in_features)
 
 
 def load_or_compute(store: Store, key: str, targets: Sequence[int], compute: Callable[[Dataset], torch.Tensor],
                     images: Dataset | None, d: Dist, log: Callable[[str], None]) -> TensorDataset:
-    """The cached features at `key`, or computed (each rank a shard of `images`) and stored by rank 0.
+    """The cached features at `key`, or computed (each rank a contiguous share of `images`) and stored by rank 0.
 
     `images` is None where rank 0 found the features cached, which every rank learns by broadcast."""
     labels = torch.tensor(list(targets), dtype=torch.long)
@@ -68,11 +71,8 @@ def load_or_compute(store: Store, key: str, targets: Sequence[int], compute: Cal
         return TensorDataset(blob["features"], labels)
     start = time.perf_counter()
     with distributed.phase(d):
-        shard = compute(Subset(images, range(d.rank, len(images), d.world)))
-    shards = distributed.all_gather(d, shard)
-    features = torch.empty(len(labels), shards[0].shape[1])
-    for rank, part in enumerate(shards):
-        features[rank::d.world] = part
+        part = compute(rank_part(images, d.rank, d.world))
+    features = torch.cat(distributed.all_gather(d, part))
     with distributed.phase(d):
         if d.main:
             buf = io.BytesIO()

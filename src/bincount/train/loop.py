@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -35,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from bincount import metrics
 from bincount.config import TrainConfig, to_dict
 from bincount.devices import cpu_has_bf16
+from bincount.data import shards
 from bincount.data.dataset import BinImages, ImageCache, Item, load_split
 from bincount.errors import BincountError, ConfigError
 from bincount.model import zoo
@@ -135,23 +137,33 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     log(f"run {cfg.run}: {cfg.arch} ({weights_id}), freeze {cfg.freeze}, {cfg.precision}, "
         f"{'channels_last' if cfg.channels_last else 'NCHW'}, {d.world} process(es) on {d.device.type}")
 
-    # ---- data: the local image cache, then images or (frozen backbone) cached features
+    # ---- data: shards streamed from the store, or the local image cache; images or (frozen backbone) features
+    with distributed.phase(d):
+        chosen = {s: shards.choose(store, cfg.dataset, s, items, cfg.image_size, cfg.data)
+                  for s, items in splits.items()}
+    indexes = {s: index for s, (index, _) in chosen.items()} if all(i for i, _ in chosen.values()) else None
+    fallback = "; ".join(reason for _, reason in chosen.values() if reason)
+    log("data: " + ("shards, streamed from the store" if indexes else "image cache"
+                    + (f" ({fallback})" if fallback else "")))
+    ordered = {s: indexes[s].items() if indexes else items for s, items in splits.items()}
     fast = cfg.freeze == "backbone" and cfg.feature_cache
     feature_keys = {s: features.feature_key(cfg.dataset, s, items, cfg.arch,
                                             weights_id if weights_id != "none" else f"none-seed{cfg.seed}",
-                                            cfg.image_size, cfg.precision) for s, items in splits.items()}
+                                            cfg.image_size, cfg.precision) for s, items in ordered.items()}
     with distributed.phase(d):
         cached = {s: fast and store.exists(k) for s, k in feature_keys.items()} if d.main else None
     cached = distributed.broadcast(d, cached)
-    cache = ImageCache(store, cfg.cache_dir, cfg.image_size)
+    cache = None if indexes else ImageCache(store, cfg.cache_dir, cfg.image_size)
     with distributed.phase(d):
-        if d.local_rank == 0:
+        if cache is not None and d.local_rank == 0:
             start = time.perf_counter()
             fetched = cache.fill([i.key for s, items in splits.items() if not cached[s] for i in items],
                                  cfg.prefetch_workers)
             if fetched:
                 log(f"image cache {cache.local.root}: {fetched} image(s) in {time.perf_counter() - start:.1f} s")
-    eval_images = {s: BinImages(items, cache, cfg.classes) for s, items in splits.items()}
+    eval_images = ({s: shards.ShardStream(cfg.store, index, cfg.classes, batch_size=cfg.batch_size, ordered=True)
+                    for s, index in indexes.items()} if indexes
+                   else {s: BinImages(items, cache, cfg.classes) for s, items in splits.items()})
     to_input = _to_input(preprocessing, d.device, cfg.channels_last)
     if fast:
         def compute(images):
@@ -162,17 +174,28 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                               for s in ("train", "val"))
         net: nn.Module = zoo.head(model)
         prepare, head_prefix = _to_device(d.device), ""
+    elif indexes:
+        train_set = shards.ShardStream(cfg.store, indexes["train"], cfg.classes, rank=d.rank, world=d.world,
+                                       batch_size=cfg.batch_size, transform=presets.train_transform(cfg.augment),
+                                       shuffle=True, drop_last=True, seed=cfg.seed, buffer=cfg.shuffle_buffer)
+        val_set = eval_images["val"]
+        net = model
+        prepare, head_prefix = to_input, zoo.head_name(model) + "."
     else:
         train_set = BinImages(splits["train"], cache, cfg.classes, presets.train_transform(cfg.augment))
         val_set = eval_images["val"]
         net = model
         prepare, head_prefix = to_input, zoo.head_name(model) + "."
     workers = 0 if fast else cfg.workers        # features are in memory already
-    sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
-                              pin_memory=d.device.type == "cuda", drop_last=len(sampler) >= cfg.batch_size)
-    val_loader = DataLoader(Subset(val_set, range(d.rank, len(val_set), d.world)), batch_size=cfg.batch_size,
-                            num_workers=workers, pin_memory=d.device.type == "cuda")
+    streamed = isinstance(train_set, shards.ShardStream)
+    sampler = None if streamed else DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
+                                                       seed=cfg.seed)
+    per_rank = len(train_set) if streamed else len(sampler)
+    loading = {"num_workers": workers, "pin_memory": d.device.type == "cuda",
+               "prefetch_factor": cfg.prefetch_factor if workers else None}
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                              drop_last=not streamed and per_rank >= cfg.batch_size, **loading)
+    val_loader = DataLoader(shards.rank_part(val_set, d.rank, d.world), batch_size=cfg.batch_size, **loading)
 
     # ---- recipe
     optimizer = make_optimizer(net, cfg, head_prefix)
@@ -200,7 +223,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     for epoch in range(first_epoch, cfg.epochs + 1):
         if state.stopped_early:
             break
-        sampler.set_epoch(epoch)
+        (train_set if streamed else sampler).set_epoch(epoch)
         timer = report.EpochTimer()
         profiler = _start_profiler(cfg, d) if epoch == first_epoch else None
         train_stats = train_epoch(ddp_net, net, train_loader, optimizer, scheduler, scaler, criterion, prepare,
@@ -228,7 +251,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             print(metric_line(record), flush=True)
             stats = state.history[-1]
             log(f"epoch {epoch}/{cfg.epochs}: {stats['epoch_time_s']:.1f} s, "
-                f"{len(sampler) * d.world / stats['epoch_time_s']:.0f} img/s, "
+                f"{per_rank * d.world / stats['epoch_time_s']:.0f} img/s, "
                 f"data wait {stats['data_wait_share']:.0%}, {stats['step_outliers']} slow step(s)")
             for flag in report.flags(state.history):
                 log(f"warning: {flag}")
@@ -244,7 +267,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if len(set(digests)) > 1:
             raise BincountError(f"DDP replicas diverged: final weights differ between ranks ({digests})")
         if d.main:
-            export(store, cfg, state, net, model, preprocessing, cache, eval_images["val"], d, log)
+            export(store, cfg, state, net, model, preprocessing, eval_images["val"], cache, d, log)
             report.write(store, cfg.run, state.history)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     return TrainResult(cfg.run, store.url(model_prefix(cfg.run)), state.best_epoch,
@@ -258,11 +281,15 @@ def train_epoch(ddp_net: nn.Module, net: nn.Module, loader: DataLoader, optimize
     freeze.train_mode(net)
     totals = torch.zeros(3, dtype=torch.float64, device=d.device)    # loss sum, correct, samples
     optimizer.zero_grad(set_to_none=True)
-    batches = len(loader)
-    for i, (x, y) in enumerate(loader):
+    steps, batches = len(loader), iter(loader)
+    for i in itertools.count():
+        batch = distributed.next_batch(d, batches)
+        if batch is None:
+            break
+        x, y = batch
         timer.batch_ready()
         x, y = prepare(x), y.to(d.device, non_blocking=True)
-        step_now = (i + 1) % cfg.accumulate == 0 or i + 1 == batches
+        step_now = (i + 1) % cfg.accumulate == 0 or i + 1 == steps
         with contextlib.nullcontext() if step_now or d.world == 1 else ddp_net.no_sync():
             with autocast():
                 logits = ddp_net(x)
@@ -298,7 +325,7 @@ def validate_epoch(net: nn.Module, loader: DataLoader, prepare: Callable, autoca
     values = torch.tensor(list(classes), dtype=torch.float64, device=d.device)
     totals = torch.zeros(3, dtype=torch.float64, device=d.device)    # loss sum, abs error, samples
     hits = torch.zeros(2, k, dtype=torch.float64, device=d.device)   # per class: correct, samples
-    for x, y in loader:
+    for x, y, *_ in loader:                  # an ordered shard stream adds positions
         x, y = prepare(x), y.to(d.device, non_blocking=True)
         with autocast():
             logits = net(x)
@@ -354,11 +381,13 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(str(e))
     for name, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
                         ("augment", presets.AUGMENTS), ("monitor", MONITORS), ("loss", losses.LOSSES),
-                        ("tta", TTA_MODES), ("calibration", CALIBRATIONS), ("decode", DECODINGS)):
+                        ("tta", TTA_MODES), ("calibration", CALIBRATIONS), ("decode", DECODINGS),
+                        ("data", shards.DATA_MODES)):
         if getattr(cfg, name) not in valid:
             problems.append(f"unknown {name} {getattr(cfg, name)!r}; valid: {', '.join(valid)}")
     for name, low in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("image_size", 16),
-                      ("patience", 0), ("profile", 0), ("prefetch_workers", 1)):
+                      ("patience", 0), ("profile", 0), ("prefetch_workers", 1), ("shuffle_buffer", 1),
+                      ("prefetch_factor", 1)):
         if getattr(cfg, name) < low:
             problems.append(f"{name} must be at least {low}, got {getattr(cfg, name)}")
     for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "grad_clip", "label_smoothing",
@@ -523,7 +552,7 @@ def save_checkpoint(store: Store, cfg: TrainConfig, net: nn.Module, optimizer, s
 
 
 def export(store: Store, cfg: TrainConfig, state: RunState, net: nn.Module, model: nn.Module,
-           preprocessing: Preprocessing, cache: ImageCache, val_images: BinImages, d: Dist,
+           preprocessing: Preprocessing, val_images: Dataset, cache: ImageCache | None, d: Dist,
            log: Callable[[str], None]) -> None:
     """models/<run>/: the whole model with the best epoch's `net` weights, and how to use it. With test-time
     augmentation or calibration, the exported model itself predicts the validation split — in the precision it
@@ -536,7 +565,8 @@ def export(store: Store, cfg: TrainConfig, state: RunState, net: nn.Module, mode
         "epochs": state.epoch, "config": to_dict(cfg)})
     if cfg.tta != "none" or cfg.calibration != "none":
         start = time.perf_counter()
-        cache.fill(val_images.keys, cfg.prefetch_workers)
+        if cache is not None:                               # not filled where features were cached
+            cache.fill(val_images.keys, cfg.prefetch_workers)
         log_probs, targets = predict_log_probs(exported.predictor(d.device, cfg.precision), val_images,
                                                cfg.batch_size, cfg.workers)
         temperature = fit_temperature(log_probs, targets) if cfg.calibration == "temperature" else 1.0

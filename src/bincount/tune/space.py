@@ -40,7 +40,7 @@ ALGORITHMS: dict[str, tuple[str, ...]] = {
 }
 RESERVED = ("store", "dataset", "run")
 # Settings with a flag that say where or how a trial runs, not what it learns.
-UNTUNABLE = (*RESERVED, "workers", "cache_dir", "device", "profile")
+UNTUNABLE = (*RESERVED, "workers", "cache_dir", "data", "device", "profile")
 TUNABLE = tuple(k for k in TRAIN_FLAGS if k not in UNTUNABLE)
 # Trial names are `<experiment>-<8 chars>`; their pods and services (`<trial>-master-0`) must stay DNS labels.
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
