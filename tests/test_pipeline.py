@@ -30,7 +30,7 @@ from bincount.model.exported import ExportedModel
 from bincount.tune.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("download", "prepare", "tune", "train", "evaluate", "deploy", "skip-deploy", "audit-plan", "audit-count",
+STEPS = ("download", "prepare", "shard", "tune", "train", "evaluate", "deploy", "skip-deploy", "audit-plan", "audit-count",
          "audit-report")
 
 
@@ -172,14 +172,14 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
         run = _only_run_dir(tmp_path / "kfp")
 
         # the console: one line per step and the steps' own output; kfp's whole log in the run's folder
-        assert_terse(done, ["download", "prepare", "tune", "train", "evaluate", "deploy"], "succeeded")
+        assert_terse(done, ["download", "prepare", "shard", "tune", "train", "evaluate", "deploy"], "succeeded")
         assert re.search(r"^  tune \| bincount tune: trial e2e-hpo-000-\w+ started", done.stdout, re.M), done.stdout
         assert re.search(r"^  train \| \S+Z epoch=1 train_loss=", done.stdout, re.M), done.stdout
         assert re.findall(r"^  download \| synthetic: +(\d+)%", done.stdout, re.M) == ["100"], done.stdout
         assert f"  log         {run / 'pipeline.log'}" in summary
         log = (run / "pipeline.log").read_text()
         assert all(f"Executing task \x1b[96m'{step}'" in log for step in ("download", "deploy"))
-        assert log.count("Got executor_input") == 6 and "have no effect in the current local runner" in log
+        assert log.count("Got executor_input") == 7 and "have no effect in the current local runner" in log
         store = tmp_path / "store"
 
         # data: 60 synthetic bins, balanced and split; the manifests in the artifact are the store's
@@ -200,6 +200,10 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
         assert "quickstart" in html and html.count('src="data:image/png;base64,') >= 5
         assert (run / "prepare" / "eda_markdown").read_text() == (
             store / "reports" / "quickstart" / "eda" / "report.md").read_text()
+
+        # shards: skipped for a dataset this small, and the step says why
+        assert "skipped: " in (run / "shard" / "shard_report").read_text()
+        assert not (store / "datasets" / "quickstart" / "shards").exists()
 
         # tuning: two trials in the quick start's space, the best one's settings handed to training
         best = json.loads((run / "tune" / "best").read_text())
@@ -259,9 +263,15 @@ def test_pipeline_runs_real_photos_from_an_abid_mirror_with_the_abid_recipe(tmp_
     done = _pipeline(tmp_path, "--source", "abid", "--source-endpoint", abid_mirror.endpoint, "--source-bucket",
                      abid_mirror.bucket, "--images", "50", "--balance", "none", "--recipe", "abid",
                      "--space", "quickstart.yaml", "--trials", "1", "--trial-epochs", "1", "--epochs", "1",
-                     "--image-size", "64", "--deploy-threshold", "1.01", "--run-name", "real", "--dataset", "real")
+                     "--image-size", "64", "--deploy-threshold", "1.01", "--run-name", "real", "--dataset", "real",
+                     "--shard-min-images", "1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     store = tmp_path / "store"
+    run = _only_run_dir(tmp_path / "kfp")
+    packed = {row["split"]: row for row in json.loads((run / "shard" / "shard_index").read_text())}
+    assert [packed[s]["samples"] for s in ("train", "val", "test")] == [35, 10, 5]
+    assert "| train | 1 | 35 |" in (run / "shard" / "shard_report").read_text()
+    assert "data: shards, streamed from the store" in (run / "pipeline.log").read_text()
     meta = json.loads((store / "models" / "real" / "model.json").read_text())
     assert meta["arch"] == "efficientnet_lite0" and meta["config"]["recipe"] == "abid"
     assert meta["config"]["weights"] == "imagenet" and meta["config"]["loss"] == "ordinal"

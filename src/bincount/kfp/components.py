@@ -36,6 +36,16 @@ def prepare(raw: Input[Dataset], name: str, balance: str, split: str, seed: int,
 
 
 @component
+def shard(splits: Input[Dataset], recipe: str, image_size: int, min_images: int, shard_index: Output[Dataset],
+          shard_report: Output[Markdown]):
+    """The splits packed into shards that every training rank streams from the store; skipped below
+    `min_images` training images."""
+    from bincount.kfp import stages
+
+    stages.shard(splits, recipe, image_size, min_images, shard_index, shard_report)
+
+
+@component
 def tune(splits: Input[Dataset], backend: str, run_name: str, job_id: str, space: str, recipe: str, arch: str,
          weights: str, freeze: str, image_size: int, trial_epochs: int, trials: int, parallel_trials: int,
          workers: int, gpus_per_worker: int, procs_per_worker: int, best: Output[Artifact],
@@ -111,5 +121,5 @@ def audit_report(store: str, name: str, threshold: float, top: int, report: Outp
     return stages.audit_report(store, name, threshold, top, report, report_markdown, summary)
 
 
-COMPONENTS = {c.name: c for c in (download, prepare, tune, train, evaluate, deploy, skip_deploy, audit_plan,
+COMPONENTS = {c.name: c for c in (download, prepare, shard, tune, train, evaluate, deploy, skip_deploy, audit_plan,
                                   audit_count, audit_report)}

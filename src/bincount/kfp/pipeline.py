@@ -1,5 +1,5 @@
-"""The bin-counting pipeline: download → prepare (+EDA) → tune → train → evaluate → deploy if good enough; and the
-audit pipeline: plan → count (worker processes or an indexed Job) → report.
+"""The bin-counting pipeline: download → prepare (+EDA) → shard → tune → train → evaluate → deploy if good
+enough; and the audit pipeline: plan → count (worker processes or an indexed Job) → report.
 
 Compiled into pipelines/bin_counting.yaml and pipelines/bin_audit.yaml for `kfp run create`; the first is run as
 is by `bincount pipeline run`
@@ -58,6 +58,7 @@ def bin_counting(
     image_size: int = 0,
     trials: int = 8,
     parallel_trials: int = 2,
+    shard_min_images: int = 20000,
     trial_epochs: int = 5,
     epochs: int = 0,
     workers: int = 2,
@@ -93,6 +94,8 @@ def bin_counting(
         freeze: backbone (trains the head on cached features), none (full fine-tune) or a stage name; empty:
             the recipe's.
         image_size: Input size in pixels (the photo is stretched to a square); 0: the recipe's.
+        shard_min_images: Pack the splits into shards streamed to every rank from this many training images
+            on; smaller datasets go through each node's image cache.
         trials: Hyperparameter trials.
         parallel_trials: Trials run at once.
         trial_epochs: Epochs of each trial.
@@ -109,12 +112,14 @@ def bin_counting(
                                      source_endpoint=source_endpoint, source_bucket=source_bucket, seed=seed), WORKING)
     prepared = _on_cluster(c.prepare(raw=fetched.outputs["raw"], name=dataset, balance=balance, split=split,
                                      seed=seed), WORKING)
+    sharded = _on_cluster(c.shard(splits=prepared.outputs["splits"], recipe=recipe, image_size=image_size,
+                                  min_images=shard_min_images), WORKING)
     sizes = {"workers": workers, "gpus_per_worker": gpus_per_worker, "procs_per_worker": procs_per_worker}
     searched = _on_cluster(c.tune(splits=prepared.outputs["splits"], backend=backend, run_name=run_name,
                                   job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, space=space, recipe=recipe, arch=arch,
                                   weights=weights,
                                   freeze=freeze, image_size=image_size, trial_epochs=trial_epochs, trials=trials,
-                                  parallel_trials=parallel_trials, **sizes), LAUNCHING)
+                                  parallel_trials=parallel_trials, **sizes), LAUNCHING).after(sharded)
     trained = _on_cluster(c.train(splits=prepared.outputs["splits"], best=searched.outputs["best"], backend=backend,
                                   run_name=run_name, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, epochs=epochs, **sizes),
                           LAUNCHING)

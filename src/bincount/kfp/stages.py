@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import yaml
 
 from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, JobResources, PrepareConfig, ServeConfig,
-                             ServeJob, SyntheticConfig, TrainJob, TuneJob, from_dict, load_train_config, to_dict)
+                             ServeJob, ShardConfig, SyntheticConfig, TrainJob, TuneJob, from_dict, load_train_config, to_dict)
 from bincount.errors import BincountError, ConfigError
 from bincount.store import Store, open_store
 
@@ -139,6 +139,39 @@ def prepare(raw: Any, name: str, balance: str, split: str, seed: int, splits: An
     eda_html.metadata["uri"] = report.uri
     _result(f"dataset {name}: train {sizes['train']}, val {sizes['val']}, test {sizes['test']}; EDA report "
             f"{report.uri}")
+
+
+@stage
+def shard(splits: Any, recipe: str, image_size: int, min_images: int, shard_index: Any, shard_report: Any) -> None:
+    """Shards at the training size once the train split reaches `min_images`; below it the trainer's node-local
+    image cache is the faster path (one small fetch, no packing), and the step says so."""
+    from bincount.data.shards import pack
+
+    store, name, train_images = _store(splits), splits.metadata["dataset"], int(splits.metadata["train"])
+    size = image_size or load_train_config(None, {"store": store, "dataset": name, "run": "x",
+                                                  "recipe": recipe}).image_size
+    shard_index.metadata.update({"store": store, "dataset": name, "image_size": size})
+    if train_images < min_images:
+        why = (f"skipped: {train_images} training images, under shard_min_images {min_images}; training fills "
+               "the node-local image cache instead")
+        shard_index.metadata["skipped"] = True
+        Path(shard_index.path).write_text(json.dumps({"skipped": why}) + "\n")
+        Path(shard_report.path).write_text(f"# Shards of {name}\n\n{why}.\n")
+        _result(why)
+        return
+    result = pack(from_dict(ShardConfig, {"store": store, "name": name, "image_size": size}, "shard"))
+    print(result.summary(), flush=True)
+    rows = [{"split": r.split, "shards": r.shards, "samples": r.samples, "bytes": r.bytes, "skipped": r.skipped,
+             "index": r.index_uri} for r in result.splits]
+    shard_index.metadata.update({"skipped": False, **{f"{r['split']}_{k}": r[k] for r in rows
+                                                      for k in ("shards", "samples", "bytes")}})
+    Path(shard_index.path).write_text(json.dumps(rows, indent=2) + "\n")
+    Path(shard_report.path).write_text("\n".join([
+        f"# Shards of {name} ({size} px)", "", "| split | shards | samples | MiB | photos skipped | index |",
+        "|---|---:|---:|---:|---:|---|",
+        *(f"| {r['split']} | {r['shards']} | {r['samples']} | {r['bytes'] / 2**20:.1f} | {r['skipped']} | "
+          f"{r['index']} |" for r in rows)]) + "\n")
+    _result(", ".join(f"{r['split']} {r['samples']} in {r['shards']} shard(s)" for r in rows))
 
 
 def search_space(path: str, experiment: str, trials: int, parallel_trials: int, trial: dict[str, Any],
