@@ -19,7 +19,7 @@ from bincount.config import CLASSES, AuditConfig
 from bincount.data.abid import IMAGES, RAW
 from bincount.data.dataset import load_split
 from bincount.errors import ConfigError
-from bincount.model.exported import ExportedModel, resolve_location
+from bincount.model.exported import read_meta, resolve_location
 from bincount.store import KeyNotFoundError, Store, StoreError, open_store
 
 AUDITS = "audits"
@@ -86,11 +86,11 @@ def make_plan(cfg: AuditConfig) -> Plan:
             raise ConfigError(f"audit {name!r} already exists in {store.uri} with other settings "
                               f"({', '.join(changed)}); choose another --name")
         return existing
-    model = ExportedModel.load(location)
-    keys = select_keys(cfg, store, model.classes)
+    classes = read_meta(location)["classes"]
+    keys = select_keys(cfg, store, classes)
     expected, csv_problems = ({}, {}) if cfg.expected == METADATA else read_csv(cfg.expected, set(keys))
     work = [{"key": k, **({"expected": expected.get(k)} if cfg.expected != METADATA else {})} for k in keys]
-    plan = Plan(name, location, list(model.classes), -(-len(keys) // cfg.shard_size), len(keys), settings,
+    plan = Plan(name, location, list(classes), -(-len(keys) // cfg.shard_size), len(keys), settings,
                 csv_problems)
     prefix = audit_prefix(name)
     store.check(write=True)

@@ -123,14 +123,11 @@ class ExportedModel:
     def load(cls, location: str, store: str | None = None) -> ExportedModel:
         """From a model directory or URI, or from a run name (`RUN` or `models/RUN`) under `store`."""
         location = resolve_location(location, store)
-        model_store = open_store(location)
+        meta = read_meta(location)
         try:
-            meta = json.loads(model_store.get_text(META_FILE))
-            data = model_store.get(MODEL_FILE)
+            data = open_store(location).get(MODEL_FILE)
         except KeyNotFoundError:
-            raise BincountError(f"no exported model at {location} (expected {META_FILE} and {MODEL_FILE})") from None
-        except json.JSONDecodeError as e:
-            raise BincountError(f"{location}/{META_FILE} is not JSON ({e})") from None
+            raise _missing(location) from None
         preprocessing, inference = _read_meta(meta, location)
         net, _ = build_model(meta["arch"], len(meta["classes"]), "none")
         net.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
@@ -194,6 +191,26 @@ def _fold_batch_norm(net: nn.Module) -> nn.Module:
         return fuse(net.eval())
     except Exception:                           # torch.fx cannot trace every model; folding is only a speed-up
         return copy.deepcopy(net).eval()
+
+
+def read_meta(location: str) -> dict[str, Any]:
+    """The checked model.json of the exported model at `location`, without building the network: what a caller
+    that only needs the classes pays (loading the weights costs a few tenths of a second)."""
+    model_store = open_store(location)
+    try:
+        meta = json.loads(model_store.get_text(META_FILE))
+    except KeyNotFoundError:
+        raise _missing(location) from None
+    except json.JSONDecodeError as e:
+        raise BincountError(f"{location}/{META_FILE} is not JSON ({e})") from None
+    if not model_store.exists(MODEL_FILE):
+        raise _missing(location)
+    _read_meta(meta, location)
+    return meta
+
+
+def _missing(location: str) -> BincountError:
+    return BincountError(f"no exported model at {location} (expected {META_FILE} and {MODEL_FILE})")
 
 
 def resolve_location(location: str, store: str | None) -> str:
