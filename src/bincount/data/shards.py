@@ -248,6 +248,8 @@ def pack_split(store: Store, cfg: ShardConfig, split: str, items: Sequence[Item]
                 tmp = tempfile.NamedTemporaryFile(prefix="bincount-shard-", suffix=".tar")
                 shards.append(_write_tar(tmp, name, samples, SUFFIX[encoding]))
                 pending.append(uploads.submit(_upload, store, f"{where}/{name}", tmp))
+                while len(pending) > 2:                 # a few shards on local disk at most
+                    pending.pop(0).result()
         for upload in pending:
             upload.result()
     index = ShardIndex(cfg.name, split, shards=tuple(shards), skipped=tuple(skipped), **wanted)
