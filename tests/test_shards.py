@@ -253,7 +253,7 @@ def _corrupt_first_image(store, index: shards.ShardIndex) -> None:
     """Garbage in place of sample 0's JPEG, the index updated to match: a packed image that cannot decode."""
     data = bytearray(store.get(_first_shard(index)))
     with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
-        start = tar.getmember("00000000.jpg").offset_data
+        start = tar.getmembers()[0].offset_data
     data[start:start + 4] = b"junk"
     store.put(_first_shard(index), bytes(data))
     first = index.shards[0]
