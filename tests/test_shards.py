@@ -27,7 +27,7 @@ from bincount.model.preprocess import read_image
 from bincount.processes import free_port
 from bincount.store import open_store
 from bincount.train.loop import checkpoint_key, weights_digest
-from training_data import DATASET, subprocess_env, tiny_args, train_command
+from training_data import DATASET, subprocess_env, tiny_args, train_command, train_full_and_kill_resumed
 
 CLASSES = [1, 2, 3, 4, 5]
 SIZE = 48
@@ -164,21 +164,9 @@ def test_shuffled_stream_is_the_same_for_an_epoch_and_changes_between_epochs(pac
 def test_training_streams_shards_without_a_local_cache_and_resumes_to_the_uninterrupted_weights(packed, tmp_path):
     cache = tmp_path / "cache"
     args = tiny_args(packed, cache, epochs=3, workers=1, seed=3, data="shards", batch_size=8)
-    env = subprocess_env()
-    full = subprocess.Popen(train_command(*args, "--run", "full"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    killed = subprocess.Popen(train_command(*args, "--run", "resumed"), stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, env=env)
-    for line in killed.stdout:
-        if " epoch=1 " in line:
-            killed.kill()
-            break
-    killed.wait(60)
-    full_err = full.stderr.read()
-    assert full.wait(300) == 0, full_err[-3000:]
-    assert "data: shards" in full_err
-    rerun = subprocess.run(train_command(*args, "--run", "resumed"), capture_output=True, text=True, env=env,
-                           timeout=300)
+    assert "data: shards" in train_full_and_kill_resumed(args)
+    rerun = subprocess.run(train_command(*args, "--run", "resumed"), capture_output=True, text=True,
+                           env=subprocess_env(), timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "after epoch 1" in rerun.stderr
     store = open_store(packed)

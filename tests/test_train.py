@@ -17,7 +17,7 @@ from bincount.train.loop import METRIC_KEYS, checkpoint_key, train, weights_dige
 from bincount.train.losses import CountLoss
 from bincount.model.zoo import build_model, head_name
 from training_data import (DATASET, KATIB_METRIC, make_store, metric_lines, subprocess_env, tiny_args, tiny_config,
-                           train_command)
+                           train_command, train_full_and_kill_resumed)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -72,16 +72,7 @@ def test_killed_run_resumes_at_the_next_epoch_with_the_weights_of_an_uninterrupt
     # mobilenet: its dropout draws random numbers too, and its checkpoints are small
     args = tiny_args(store, cache_dir, arch="mobilenet_v3_small", epochs=3, workers=1, seed=3)
     env = subprocess_env()
-    full = subprocess.Popen(train_command(*args, "--run", "full"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    killed = subprocess.Popen(train_command(*args, "--run", "resumed"), stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, env=env)
-    for line in killed.stdout:
-        if " epoch=1 " in line:
-            killed.kill()
-            break
-    killed.wait(60)
-    assert full.wait(300) == 0, full.stderr.read()[-3000:]
+    train_full_and_kill_resumed(args)
     assert _load(store, checkpoint_key("resumed"))["state"]["epoch"] == 1
     assert not open_store(store).exists("models/resumed/model.json")
 

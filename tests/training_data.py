@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,6 +70,24 @@ def subprocess_env() -> dict[str, str]:
 
 def train_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "bincount.train", *args]
+
+
+def train_full_and_kill_resumed(args: list[str]) -> str:
+    """Trains run `full` to its end while run `resumed`, with the same args, is killed as soon as it prints epoch
+    1's metric line; returns the full run's stderr (asserting that it succeeded)."""
+    env = subprocess_env()
+    full = subprocess.Popen(train_command(*args, "--run", "full"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    killed = subprocess.Popen(train_command(*args, "--run", "resumed"), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in killed.stdout:
+        if " epoch=1 " in line:
+            killed.kill()
+            break
+    killed.wait(60)
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-3000:]
+    return err
 
 
 def metric_lines(stdout: str) -> list[dict[str, float]]:
