@@ -89,3 +89,14 @@ def test_config_file_flags_and_profile_trace(store, cache_dir, tmp_path, capsys)
     assert saved["channels_last"] is False                                          # resolved, not None
     trace = json.loads(open_store(store).get_text("reports/configured/train/trace.json"))
     assert trace["traceEvents"]
+
+
+@pytest.mark.parametrize("monitor", ["val_accuracy", "val_balanced_accuracy", "val_loss"])
+def test_the_best_epoch_is_the_first_with_the_best_monitored_value(store, cache_dir, monitor):
+    result = train(tiny_config(store, f"best-{monitor}", cache_dir, epochs=5, lr=0.05, schedule="constant",
+                               monitor=monitor, **FAST))
+    history = _ckpt(store, f"best-{monitor}")["state"]["history"]
+    values = [h[monitor] for h in history]
+    best = min(values) if monitor == "val_loss" else max(values)
+    assert len(set(values)) > 1                 # the epochs differ, so a wrong direction picks another one
+    assert result.best_epoch == values.index(best) + 1

@@ -55,6 +55,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MONITORS = ("val_accuracy", "val_balanced_accuracy", "val_loss")
+MINIMIZED = ("val_loss",)                       # the other monitors are maximized
 CALIBRATIONS = ("none", "temperature")
 RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
@@ -232,8 +233,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         val_stats = validate_epoch(net, val_loader, prepare, autocast, cfg.classes, d)
         record = {k: _round(v) for k, v in {"epoch": epoch, **train_stats, **val_stats,
                                             "lr": optimizer.param_groups[0]["lr"]}.items()}
-        improved = state.best is None or (record[cfg.monitor] > state.best if cfg.monitor == "val_accuracy"
-                                          else record[cfg.monitor] < state.best)
+        improved = state.best is None or (record[cfg.monitor] < state.best if cfg.monitor in MINIMIZED
+                                          else record[cfg.monitor] > state.best)
         if improved:
             state.best, state.best_epoch, state.bad_epochs = record[cfg.monitor], epoch, 0
         else:
