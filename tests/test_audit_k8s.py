@@ -22,6 +22,7 @@ from bincount.audit.kubernetes import job_name
 from bincount.audit.local import worker_argv
 from bincount.backends import KubernetesBackend
 from bincount.config import AuditConfig, ClusterConfig, JobResources
+from bincount.errors import ConfigError
 from bincount.k8s import manifests, platform
 from bincount.k8s.resources import audit_cronjob, audit_job
 from bincount.store import open_store
@@ -139,3 +140,16 @@ def test_the_kubernetes_backend_runs_the_audit_as_an_indexed_job(api, cluster, s
     assert result.summary["audited"] == 10 and result.summary["bins"] == 10
     shards = sorted(info.key for info in store.list("audits/k8s/shards/"))
     assert len(shards) == 4 and store.exists("audits/k8s/report.html")
+
+
+def test_the_kubernetes_backend_refuses_what_its_pods_cannot_read_before_any_plan(s3_env, tmp_path):
+    local = tmp_path / "store"
+    (local / "models" / "test").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="needs an s3:// store that the pods reach"):
+        audit(AuditConfig(store=str(local), model="test", all=True), KubernetesBackend())
+    assert not (local / "audits").exists()
+    bucket = s3_env.new_bucket("audit-local-model")
+    with pytest.raises(ConfigError, match="needs a model the pods reach"):
+        audit(AuditConfig(store=f"s3://{bucket}", model=str(local / "models" / "test"), all=True),
+              KubernetesBackend())
+    assert list(open_store(f"s3://{bucket}").list("audits/")) == []

@@ -51,6 +51,7 @@ class Backend(Protocol):
     def train(self, job: TrainJob) -> TrainOutcome: ...
     def tune(self, job: TuneJob) -> TuneResult: ...
     def serve(self, job: ServeJob) -> Endpoint: ...
+    def check_audit(self, store: str, model: str) -> None: ...       # refuses what its workers cannot read
     def audit(self, cfg: AuditConfig, name: str) -> None: ...       # worker processes | indexed Job
 
 
@@ -129,6 +130,9 @@ class LocalBackend:
         server = start(job.serve, workdir, timeout_s=job.timeout)
         return Endpoint(server.url, server.predict_url, f"kill {server.proc.pid}", server.stop)
 
+    def check_audit(self, store: str, model: str) -> None:
+        """Worker processes here read whatever this process reads."""
+
     def audit(self, cfg: AuditConfig, name: str) -> None:
         """The planned audit `name`'s shards, by `cfg.workers` processes here."""
         from bincount.audit.local import run_workers
@@ -168,12 +172,22 @@ class KubernetesBackend:
 
         return run_katib(job, self.cluster)
 
+    def check_audit(self, store: str, model: str) -> None:
+        """Pods read the store and the model over S3 only: refused before a plan is written."""
+        _needs_s3(store, "an audit")
+        if not model.startswith("s3://"):
+            raise ConfigError(f"an audit on the kubernetes backend needs a model the pods reach (a run in the "
+                              f"s3:// store or an s3:// URI), got {model!r}")
+
     def audit(self, cfg: AuditConfig, name: str) -> None:
         """The planned audit `name`'s shards, by an indexed Job of `cfg.workers` pods sized by `audit_resources`."""
         from bincount.audit.kubernetes import run_job
+        from bincount.audit.plan import load_plan
 
         _needs_s3(cfg.store, "an audit")
-        run_job(cfg, name, self.cluster, self.config, self.audit_resources)
+        plan = load_plan(open_store(cfg.store), name)
+        self.check_audit(cfg.store, plan.model)
+        run_job(cfg, plan, self.cluster, self.config, self.audit_resources)
 
     def serve(self, job: ServeJob) -> Endpoint:
         from bincount.k8s.launch import INFERENCE_SERVICE

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from bincount.audit.plan import make_plan
 from bincount.audit.report import AuditResult, write_report
 from bincount.config import AuditConfig
+from bincount.model.exported import resolve_location
 
 if TYPE_CHECKING:
     from bincount.backends import Backend
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
 def audit(cfg: AuditConfig, backend: Backend) -> AuditResult:
     """Plan (or resume), let the backend's workers count every shard, then merge them into the report."""
+    backend.check_audit(cfg.store, resolve_location(cfg.model, cfg.store))
     plan = make_plan(cfg)
     backend.audit(cfg, plan.name)
     return write_report(cfg.store, plan.name, cfg.threshold, cfg.top)

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import replace
 
 from bincount.audit.local import worker_argv
-from bincount.audit.plan import load_plan, shard_key
+from bincount.audit.plan import Plan, shard_key
 from bincount.config import AuditConfig, ClusterConfig, JobResources
 from bincount.k8s.launch import Cluster
 from bincount.k8s.resources import audit_job
@@ -23,13 +23,12 @@ def job_name(audit: str) -> str:
     return f"audit-{stem}-{uuid.uuid4().hex[:6]}" if stem else f"audit-{uuid.uuid4().hex[:6]}"
 
 
-def run_job(cfg: AuditConfig, name: str, cluster: Cluster, config: ClusterConfig, resources: JobResources) -> None:
+def run_job(cfg: AuditConfig, plan: Plan, cluster: Cluster, config: ClusterConfig, resources: JobResources) -> None:
     store = open_store(cfg.store)
-    plan = load_plan(store, name)
-    if all(store.exists(shard_key(name, s)) for s in range(plan.shards)):
+    if all(store.exists(shard_key(plan.name, s)) for s in range(plan.shards)):
         return
-    body = audit_job(job_name(name), worker_argv(cfg, name, None, cfg.workers), replace(resources, workers=cfg.workers),
-                     config)
+    body = audit_job(job_name(plan.name), worker_argv(cfg, plan.name, None, cfg.workers),
+                     replace(resources, workers=cfg.workers), config)
     cluster.run(body, timeout=cfg.timeout or math.inf, poll=cfg.poll, progress=_say, on_log=print)
 
 
