@@ -255,3 +255,35 @@ def test_a_worker_with_a_bad_index_or_audit_is_one_clear_line(audited_store, arg
     assert main(["audit", "worker", "--store", str(root), *args]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_the_report_merge_keeps_only_the_top_bins_yet_ranks_and_counts_as_a_full_sort():
+    import random
+
+    from bincount.audit.plan import Plan
+    from bincount.audit.report import Tally
+
+    rng = random.Random(0)
+    records = []
+    for i in range(5000):
+        key = f"{rng.randrange(10**6):06d}"
+        if i % 97 == 0:
+            records.append({"key": key, "error": "corrupt"})
+            continue
+        expected = None if i % 31 == 0 else rng.randint(1, 5)
+        record = {"key": key, "count": rng.randint(1, 5), "expected": expected}
+        if expected is not None:
+            record["p_mismatch"] = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0, rng.random()])     # many ties
+        records.append(record)
+    tally = Tally(Plan("t", "m", [1, 2, 3, 4, 5], 1, len(records), {}, {}), 0.5, 7)
+    for record in records:
+        tally.add(record)
+    scored = [r for r in records if "p_mismatch" in r]
+    assert tally.ranked() == sorted(scored, key=lambda r: (-r["p_mismatch"], r["key"]))[:7]
+    assert len(tally._suspects) < 2 * 7 + 1024 < len(scored)         # memory bounded by top, not by the bins
+    summary = tally.summary({})
+    flagged = [r["p_mismatch"] for r in scored if r["p_mismatch"] >= 0.5]
+    assert (summary["bins"], summary["with_expected"], summary["flagged"]) == (5000, len(scored), len(flagged))
+    assert summary["expected_precision"] == pytest.approx(sum(flagged) / len(flagged))
+    assert summary["image_failures"] == {"corrupt": sum("error" in r for r in records)}
+    assert sum(tally.histogram) == len(scored) and tally.histogram[-1] == sum(r["p_mismatch"] >= 39 / 40 for r in scored)

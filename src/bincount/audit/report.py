@@ -43,57 +43,91 @@ class AuditResult:
                 + f"report: {self.uri}/report.html")
 
 
-def merge(store: Store, name: str) -> tuple[Plan, list[dict]]:
-    """Every bin's record, in work-list order; fails while shards are missing."""
+HISTOGRAM_BINS = 40
+
+
+class Tally:
+    """The report's figures folded one bin at a time, so that merging a bucket of millions of bins holds only the
+    `top` most suspicious ones (and a few counters) in memory."""
+
+    def __init__(self, plan: Plan, threshold: float, top: int):
+        self.plan, self.threshold, self.top = plan, threshold, top
+        self.bins = self.audited = self.known = self.flagged = self.agreeing = 0
+        self.flagged_p = 0.0
+        self.per_class = {c: [0, 0] for c in plan.classes}          # bins expected to hold c, of them counted c
+        self.failures: Counter[str] = Counter()
+        self.problems: Counter[str] = Counter(plan.csv_problems)
+        self.histogram = [0] * HISTOGRAM_BINS                       # p_mismatch over [0, 1]
+        self._suspects: list[dict] = []
+
+    def add(self, record: dict) -> None:
+        self.bins += 1
+        if "error" in record:
+            self.failures[record["error"]] += 1
+        if record.get("expected_problem"):
+            self.problems[record["expected_problem"]] += 1
+        if "count" not in record:
+            return
+        self.audited += 1
+        if record["expected"] is None:
+            return
+        self.known += 1
+        agrees = record["count"] == record["expected"]
+        self.agreeing += agrees
+        if record["expected"] in self.per_class:
+            self.per_class[record["expected"]][0] += 1
+            self.per_class[record["expected"]][1] += agrees
+        p = record["p_mismatch"]
+        self.histogram[min(int(p * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
+        if p >= self.threshold:
+            self.flagged += 1
+            self.flagged_p += p
+        self._suspects.append(record)
+        if len(self._suspects) >= 2 * self.top + 1024:
+            self._suspects = self.ranked()
+
+    def ranked(self) -> list[dict]:
+        """The `top` bins most likely to hold another quantity than expected, first the most (ties by key)."""
+        return sorted(self._suspects, key=lambda r: (-r["p_mismatch"], r["key"]))[:self.top]
+
+    def summary(self, validation: dict) -> dict:
+        return {"name": self.plan.name, "model": self.plan.model, "bins": self.bins, "audited": self.audited,
+                "with_expected": self.known, "threshold": self.threshold, "flagged": self.flagged,
+                "expected_precision": _ratio(self.flagged_p, self.flagged),
+                "disagreements": self.known - self.agreeing, "agreement": _ratio(self.agreeing, self.known),
+                "per_class": {str(c): {"bins": n, "agreement": _ratio(a, n)} for c, (n, a) in self.per_class.items()},
+                "image_failures": dict(sorted(self.failures.items())),
+                "expected_problems": dict(sorted(self.problems.items())),
+                "validation_ece": validation.get("ece")}
+
+
+def merge(store: Store, name: str, threshold: float, top: int) -> Tally:
+    """Every shard's bins folded into one Tally, shard by shard; fails while shards are missing."""
     plan = load_plan(store, name)
     missing = [s for s in range(plan.shards) if not store.exists(shard_key(name, s))]
     if missing:
         raise BincountError(f"audit {name!r} is incomplete: {len(missing)} of {plan.shards} shard(s) missing; "
                             "rerun the audit to finish it")
-    return plan, [json.loads(line) for s in range(plan.shards)
-                  for line in store.get_text(shard_key(name, s)).splitlines()]
-
-
-def ranked(records: list[dict]) -> list[dict]:
-    """Bins with a p_mismatch, most suspicious first (ties by key, so the order is stable)."""
-    return sorted((r for r in records if "p_mismatch" in r), key=lambda r: (-r["p_mismatch"], r["key"]))
-
-
-def summarize(plan: Plan, records: list[dict], threshold: float, validation: dict) -> dict:
-    counted = [r for r in records if "count" in r]
-    known = [r for r in counted if r["expected"] is not None]
-    flagged = [r for r in known if r["p_mismatch"] >= threshold]
-    per_class = {}
-    for c in plan.classes:
-        rows = [r for r in known if r["expected"] == c]
-        per_class[str(c)] = {"bins": len(rows), "agreement": _ratio(sum(r["count"] == c for r in rows), len(rows))}
-    problems = Counter(r["expected_problem"] for r in records if r.get("expected_problem"))
-    problems.update(plan.csv_problems)
-    return {"name": plan.name, "model": plan.model, "bins": len(records), "audited": len(counted),
-            "with_expected": len(known), "threshold": threshold, "flagged": len(flagged),
-            "expected_precision": _ratio(sum(r["p_mismatch"] for r in flagged), len(flagged)),
-            "disagreements": sum(r["count"] != r["expected"] for r in known),
-            "agreement": _ratio(sum(r["count"] == r["expected"] for r in known), len(known)),
-            "per_class": per_class, "image_failures": dict(sorted(Counter(r["error"] for r in records
-                                                                          if "error" in r).items())),
-            "expected_problems": dict(sorted(problems.items())),
-            "validation_ece": validation.get("ece")}
+    tally = Tally(plan, threshold, top)
+    for s in range(plan.shards):
+        for line in store.get_text(shard_key(name, s)).splitlines():
+            tally.add(json.loads(line))
+    return tally
 
 
 def write_report(store_uri: str, name: str, threshold: float = 0.5, top: int = 50) -> AuditResult:
     """summary.json, p_mismatch.png, report.md and report.html under audits/<name>/."""
     store = open_store(store_uri)
-    plan, records = merge(store, name)
-    validation = _validation(plan.model)
-    summary = summarize(plan, records, threshold, validation)
-    order = ranked(records)
-    histogram = histogram_png([r["p_mismatch"] for r in order], threshold)
-    thumbnails = _thumbnails(store, [r["key"] for r in order[:top]])
+    tally = merge(store, name, threshold, top)
+    summary = tally.summary(_validation(tally.plan.model))
+    order = tally.ranked()
+    histogram = histogram_png(tally.histogram, threshold)
+    thumbnails = _thumbnails(store, [r["key"] for r in order])
     prefix = audit_prefix(name)
     store.put_text(f"{prefix}/summary.json", json.dumps(summary, indent=2) + "\n")
     store.put(f"{prefix}/p_mismatch.png", histogram)
-    store.put_text(f"{prefix}/report.md", markdown(summary, order[:top], plan.classes))
-    store.put_text(f"{prefix}/report.html", html_report(summary, order[:top], plan.classes, histogram, thumbnails))
+    store.put_text(f"{prefix}/report.md", markdown(summary, order, tally.plan.classes))
+    store.put_text(f"{prefix}/report.html", html_report(summary, order, tally.plan.classes, histogram, thumbnails))
     return AuditResult(store.url(prefix), summary)
 
 
@@ -113,16 +147,17 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def histogram_png(values: list[float], threshold: float) -> bytes:
+def histogram_png(counts: list[int], threshold: float) -> bytes:
+    """`counts`: bins per equal-width interval of p_mismatch over [0, 1]."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(values, bins=40, range=(0, 1), color="#4477aa")
+    ax.stairs(counts, [i / len(counts) for i in range(len(counts) + 1)], fill=True, color="#4477aa")
     ax.axvline(threshold, color="#cc3311", linestyle="--", label=f"threshold {threshold}")
-    ax.set(xlabel="p_mismatch = 1 − P(count = expected)", ylabel="bins", yscale="log" if values else "linear",
+    ax.set(xlabel="p_mismatch = 1 − P(count = expected)", ylabel="bins", yscale="log" if any(counts) else "linear",
            title="how likely each bin's expected quantity is wrong")
     ax.legend()
     fig.tight_layout()
