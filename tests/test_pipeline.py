@@ -338,6 +338,29 @@ def test_an_empty_dataset_stops_the_pipeline_at_prepare(tmp_path, s3_server):
     assert "Traceback" not in done.stderr + done.stdout
 
 
+def test_submit_takes_the_audit_pipeline_with_its_own_parameters(tmp_path):
+    port = free_port()
+    submit = [sys.executable, "-m", "bincount.cli", "pipeline", "submit", "--host", f"http://127.0.0.1:{port}"]
+    done = subprocess.run([*submit, "--pipeline", "bin_audit", "--ids", "00221,221", "--all-images", "false",
+                           "--workers", "8"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"bincount: error: cannot reach the KFP server at http://127.0.0.1:{port}: ")
+    foreign = subprocess.run([*submit, "--pipeline", "bin_audit", "--images", "10"], capture_output=True, text=True,
+                             timeout=120)
+    assert foreign.returncode == 2 and "unrecognized arguments: --images 10" in foreign.stderr
+    wrong = subprocess.run([*submit, "--pipeline", "bin_audit", "--all-images", "maybe"], capture_output=True,
+                           text=True, timeout=120)
+    assert wrong.returncode == 2 and "argument --all-images: expected true or false, got 'maybe'" in wrong.stderr
+    unknown = subprocess.run([*submit, "--pipeline", "bin_auditing"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "invalid choice: 'bin_auditing'" in unknown.stderr
+    helped = subprocess.run([*submit, "--pipeline", "bin_audit", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert helped.returncode == 0 and "bin_audit parameters" in helped.stdout and "--shard-size" in helped.stdout
+    assert "--images" not in helped.stdout
+    assert "Traceback" not in done.stderr + foreign.stderr + wrong.stderr + unknown.stderr
+
+
 def test_bad_pipeline_flags_are_refused_before_anything_runs(tmp_path):
     done = _pipeline(tmp_path, "--images", "many")
     assert done.returncode == 2 and "argument --images: invalid int value: 'many'" in done.stderr

@@ -175,11 +175,19 @@ def _generate(root, check: bool, drift: Callable, write: Callable, what: str, co
 
 def cmd_pipeline_submit(args: argparse.Namespace) -> None:
     from bincount.config import ClusterConfig
+    from bincount.kfp.pipeline import PIPELINES
     from bincount.kfp.submit import submit
 
     cluster = ClusterConfig()
-    parser = _pipeline_parser("bincount pipeline submit", "submit the pipeline to a Kubeflow Pipelines server "
-                              "(parameters not given keep the compiled defaults)", None)
+    names = list(PIPELINES)
+    which = argparse.ArgumentParser(prog="bincount pipeline submit", add_help=False)
+    which.add_argument("--pipeline", choices=names, default=names[0])
+    pipeline = which.parse_known_args(args.params)[0].pipeline
+    parser = _pipeline_parser("bincount pipeline submit", f"submit the {pipeline} pipeline to a Kubeflow Pipelines "
+                              "server (parameters not given keep the compiled defaults)", None, pipeline)
+    parser.add_argument("--pipeline", choices=names, default=names[0],
+                        help="bin_counting (data to endpoint) or bin_audit (count a bucket against its records; with "
+                             "--package: which one the file holds); the parameter flags are the chosen pipeline's")
     parser.add_argument("--host", required=True, help="the KFP API server, e.g. http://localhost:8080 "
                         "(kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80)")
     parser.add_argument("--package", help="a compiled pipeline YAML (default: compile this version's pipeline)")
@@ -189,29 +197,37 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> None:
                         help=f"namespace (Kubeflow profile) to run in (default {cluster.namespace})")
     parser.add_argument("--service-account", default=cluster.pipeline_service_account,
                         help=f"service account of the steps (default {cluster.pipeline_service_account}, "
-                             "which manifests/base allows to create PyTorchJobs, Experiments and InferenceServices)")
+                             "which manifests/base allows to create PyTorchJobs, Experiments, InferenceServices "
+                             "and Jobs)")
     options = vars(parser.parse_args(args.params))
-    own = {k: options.pop(k) for k in ("host", "package", "experiment", "namespace", "service_account")}
+    own = {k: options.pop(k) for k in ("host", "package", "pipeline", "experiment", "namespace", "service_account")}
     display_name = options.pop("display_name")
     arguments = {k: v for k, v in options.items() if v is not None}
     print(submit(arguments=arguments, run_name=display_name, **own))
 
 
-def _pipeline_parser(prog: str, description: str, defaults: dict | None) -> argparse.ArgumentParser:
+def _pipeline_parser(prog: str, description: str, defaults: dict | None,
+                     pipeline: str = "bin_counting") -> argparse.ArgumentParser:
     """One flag per pipeline parameter, read from the pipeline itself (kfp loads only when a pipeline command
     runs). `defaults` None leaves unset flags out, so the compiled defaults apply."""
-    from bincount.kfp.pipeline import bin_counting
+    from bincount.kfp.pipeline import PIPELINES
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    params = parser.add_argument_group("pipeline parameters")
-    kinds = {"Integer": int, "Float": float, "String": str}
-    for name, spec in bin_counting.component_spec.inputs.items():
+    params = parser.add_argument_group(f"{pipeline} parameters")
+    kinds = {"Integer": int, "Float": float, "String": str, "Boolean": _boolean}
+    for name, spec in PIPELINES[pipeline].component_spec.inputs.items():
         default = None if defaults is None else defaults[name]
         help_text = " ".join((spec.description or "").split())
         shown = "" if default is None else f" (default: {default!r})"
         params.add_argument("--" + name.replace("_", "-"), dest=name, type=kinds[spec.type], default=default,
                             help=help_text + shown)
     return parser
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
 
 
 def _quantity_range(text: str) -> str:

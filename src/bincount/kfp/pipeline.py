@@ -187,3 +187,6 @@ def bin_audit(
     reported = _on_cluster(c.audit_report(store=store, name=counted.output, threshold=threshold, top=top), WORKING)
     return AuditOutputs(report=reported.outputs["report"], summary=reported.outputs["summary"],
                         flagged=reported.outputs["Output"])
+
+
+PIPELINES = {"bin_counting": bin_counting, "bin_audit": bin_audit}

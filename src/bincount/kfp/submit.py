@@ -1,4 +1,5 @@
-"""`bincount pipeline submit`: the compiled pipeline to a Kubeflow Pipelines server, as `kfp run create` does."""
+"""`bincount pipeline submit`: a compiled pipeline (bin_counting or bin_audit) to a Kubeflow Pipelines server, as
+`kfp run create` does."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ class SubmitFailed(BincountError):
     """The KFP server could not be reached or refused the run."""
 
 
-def submit(host: str, arguments: dict[str, Any], package: str | None = None, experiment: str = "bincount",
-           run_name: str | None = None, namespace: str | None = None, service_account: str | None = None) -> str:
-    """Creates the run and returns a line naming it; without `package` this version's pipeline is compiled."""
+def submit(host: str, arguments: dict[str, Any], package: str | None = None, pipeline: str = "bin_counting",
+           experiment: str = "bincount", run_name: str | None = None, namespace: str | None = None,
+           service_account: str | None = None) -> str:
+    """Creates the run and returns a line naming it; without `package` this version's `pipeline` is compiled."""
     import kfp
     from kfp_server_api.exceptions import ApiException
     from urllib3.exceptions import HTTPError, MaxRetryError
@@ -25,10 +27,10 @@ def submit(host: str, arguments: dict[str, Any], package: str | None = None, exp
         if package is None:
             from kfp import compiler
 
-            from bincount.kfp.pipeline import bin_counting
+            from bincount.kfp.pipeline import PIPELINES
 
-            package = str(Path(tmp) / "bin_counting.yaml")
-            compiler.Compiler().compile(bin_counting, package)
+            package = str(Path(tmp) / f"{pipeline}.yaml")
+            compiler.Compiler().compile(PIPELINES[pipeline], package)
         elif not Path(package).is_file():
             raise SubmitFailed(f"no compiled pipeline at {package}")
         try:
