@@ -26,6 +26,7 @@ from bincount.kfp import stages
 from bincount.kfp.compile import AUDIT_PIPELINE_FILE, COMPONENTS_DIR, PIPELINE_FILE, compiled, drift
 from bincount.kfp.components import COMPONENTS
 from bincount.kfp.pipeline import bin_counting
+from bincount.kfp.submit import cron_expression
 from bincount.model.exported import ExportedModel
 from bincount.tune.space import load_space
 
@@ -359,6 +360,22 @@ def test_submit_takes_the_audit_pipeline_with_its_own_parameters(tmp_path):
     assert helped.returncode == 0 and "bin_audit parameters" in helped.stdout and "--shard-size" in helped.stdout
     assert "--images" not in helped.stdout
     assert "Traceback" not in done.stderr + foreign.stderr + wrong.stderr + unknown.stderr
+
+
+def test_a_schedule_is_crontab_or_kfp_cron_and_nothing_else():
+    assert cron_expression("0 2 * * *") == "0 0 2 * * *"
+    assert cron_expression(" 30  0 2 ? * 1-5 ") == "30 0 2 ? * 1-5"
+    assert cron_expression("*/15 * * * MON,FRI") == "0 */15 * * * MON,FRI"
+    for bad in ("0 2 * *", "0 0 2 * * * 2027", "0 2 * * 1;reboot", ""):
+        with pytest.raises(ValueError, match="expected a cron expression of 5 fields"):
+            cron_expression(bad)
+    done = subprocess.run([sys.executable, "-m", "bincount.cli", "pipeline", "submit", "--pipeline", "bin_audit",
+                           "--host", "http://127.0.0.1:9", "--schedule", "every night"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "argument --schedule: expected a cron expression of 5 fields (minute hour day month weekday) or 6 "
+        "(seconds first), got 'every night'")
 
 
 def test_bad_pipeline_flags_are_refused_before_anything_runs(tmp_path):

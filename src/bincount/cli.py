@@ -192,7 +192,11 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> None:
                         "(kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80)")
     parser.add_argument("--package", help="a compiled pipeline YAML (default: compile this version's pipeline)")
     parser.add_argument("--experiment", default="bincount", help="KFP experiment (default bincount)")
-    parser.add_argument("--display-name", help="the KFP run's name (default: the pipeline's name and the time)")
+    parser.add_argument("--display-name", help="the KFP run's name (default: the pipeline's name and the time; "
+                        "with --schedule: PIPELINE-scheduled)")
+    parser.add_argument("--schedule", type=_cron, help="a recurring run instead of one run, on this cron schedule "
+                        "('0 2 * * *': nightly at 02:00 UTC; 6 fields: seconds first), never two at once and no "
+                        "catching up after a pause")
     parser.add_argument("--namespace", default=cluster.namespace,
                         help=f"namespace (Kubeflow profile) to run in (default {cluster.namespace})")
     parser.add_argument("--service-account", default=cluster.pipeline_service_account,
@@ -200,7 +204,8 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> None:
                              "which manifests/base allows to create PyTorchJobs, Experiments, InferenceServices "
                              "and Jobs)")
     options = vars(parser.parse_args(args.params))
-    own = {k: options.pop(k) for k in ("host", "package", "pipeline", "experiment", "namespace", "service_account")}
+    own = {k: options.pop(k) for k in ("host", "package", "pipeline", "experiment", "namespace", "service_account",
+                                       "schedule")}
     display_name = options.pop("display_name")
     arguments = {k: v for k, v in options.items() if v is not None}
     print(submit(arguments=arguments, run_name=display_name, **own))
@@ -228,6 +233,15 @@ def _boolean(text: str) -> bool:
     if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return text.lower() in ("true", "1", "yes")
+
+
+def _cron(text: str) -> str:
+    from bincount.kfp.submit import cron_expression
+
+    try:
+        return cron_expression(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _quantity_range(text: str) -> str:
