@@ -21,7 +21,9 @@ Measured 2026-12-03 (defaults; AUROC / precision@k, mean ± sd over 20 seeds):
   synthetic, 300 test bins, model accuracy 0.58: p_mismatch 0.835 / 0.572, naive 0.717 / 0.259, random 0.521 / 0.141
   real ABID sample, 121 test bins, model accuracy 0.28 (a linear probe on 200 photos: near chance, so the
   ranking is too): p_mismatch 0.569 / 0.150, naive 0.559 / 0.183, random 0.513 / 0.153
-  real, --train abid (fine-tuned on 203 photos, 44 min on the shared cores): test accuracy 0.22, chance again:
+  real, --train abid (fine-tuned on 203 photos, 44 min on the shared cores; measured before the trainer's
+  best-epoch fix of 2026-12-05, so the model was the run's worst epoch by validation balanced accuracy):
+  test accuracy 0.22, chance again:
   p_mismatch 0.504 / 0.172, naive 0.454 / 0.136, random 0.515 / 0.147. The sample is too small to train a
   model that counts real bins; the audit can only be as good as its model.
 """

@@ -55,6 +55,7 @@ TRAINED: dict[str, dict] = {
     "-class weights": {"class_weights": "none"},
     "-counting augment (flip)": {"augment": "flip"},
     "-lower backbone lr": {"backbone_lr_scale": 1.0},
+    "backbone lr 0.1x": {"backbone_lr_scale": 0.1},
     "at 288 px": {"image_size": 288},
     "frozen to blocks.1 for 15 epochs": {"freeze": "blocks.1", "epochs": 15},
 }
