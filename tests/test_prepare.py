@@ -114,6 +114,21 @@ def test_byte_identical_images_never_straddle_splits(tmp_path):
     assert result.stats["duplicates"] == {"groups": 8, "images": 32}
 
 
+def test_photos_of_one_bin_stay_in_one_split(real_store, abid_sample):
+    """In the sample, consecutive photos of one bin share products and never their count: split apart, a model
+    that recognises the bin is scored on its twin's count."""
+    result = prepare(PrepareConfig(store=str(real_store), name="bins", balance="none", seed=3))
+    m = manifests(real_store, "bins")
+    products = {p.stem: set(json.loads(p.read_text())["BIN_FCSKU_DATA"]) for p in (abid_sample / "metadata").glob("*.json")}
+    in_split = {s: set().union(*(products[r["key"]] for r in m[s])) for s in SPLITS}
+    assert not in_split["train"] & in_split["val"] and not in_split["train"] & in_split["test"]
+    assert not in_split["val"] & in_split["test"]
+    assert result.stats["same_bin"] == {"groups": 110, "images": 228}
+    sizes = {s: len(m[s]) for s in SPLITS}
+    assert abs(sizes["val"] - 0.2 * 407) <= 5 and abs(sizes["test"] - 0.1 * 407) <= 5, sizes
+    assert "photos sharing a product (one bin, other counts): 228 in 110 groups" in result.summary()
+
+
 def test_bad_pairs_are_counted_not_fatal(tmp_path):
     from PIL import Image
     import io

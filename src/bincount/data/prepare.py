@@ -1,7 +1,8 @@
 """Labels from metadata, class filter, balancing and a stratified split into `datasets/<name>/`.
 
 Byte-identical images (same md5) form one group that is never divided between splits, so a duplicate can
-never carry a training image into validation or test. Undersampling happens before the split (all splits
+never carry a training image into validation or test; so do photos that list a product in common, the photos
+of one bin before and after a pick or a stow (`group_same_bin`). Undersampling happens before the split (all splits
 balanced, as the seed did); oversampling repeats training keys only, after the split, so no image is repeated
 inside or across val/test. Everything is a function of the seed and the raw data: same input, same bytes out.
 """
@@ -49,6 +50,7 @@ class Sample:
     key: str
     label: int
     md5: str
+    products: frozenset[str] = frozenset()      # the ASINs of BIN_FCSKU_DATA
 
 
 @dataclass
@@ -73,6 +75,10 @@ class PrepareResult:
         dup = self.stats["duplicates"]
         if dup["groups"]:
             lines.append(f"byte-identical images: {dup['images']} in {dup['groups']} groups (kept in one split each)")
+        same = self.stats["same_bin"]
+        if same["groups"]:
+            lines.append(f"photos sharing a product (one bin, other counts): {same['images']} in {same['groups']} "
+                         "groups (kept in one split each)")
         return "\n".join(lines)
 
 
@@ -91,7 +97,8 @@ def _validate(cfg: PrepareConfig) -> None:
 def _load(store: Store, key: str) -> Sample | tuple[str, str]:
     """A labelled sample, or (key, reason) when the pair is unusable."""
     try:
-        _, label = parse_metadata(store.get(metadata_key(key)))
+        meta, label = parse_metadata(store.get(metadata_key(key)))
+        products = meta.get("BIN_FCSKU_DATA")
         digest = hashlib.md5()
         with store.open(image_key(key)) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -100,7 +107,7 @@ def _load(store: Store, key: str) -> Sample | tuple[str, str]:
         return key, e.reason
     except KeyNotFoundError:
         return key, "image missing"
-    return Sample(key, label, digest.hexdigest())
+    return Sample(key, label, digest.hexdigest(), frozenset(products) if isinstance(products, dict) else frozenset())
 
 
 def scan(store: Store, workers: int) -> tuple[list[Sample], Counter]:
@@ -140,6 +147,31 @@ def group_duplicates(samples: Sequence[Sample]) -> tuple[list[list[Sample]], Cou
     return sorted(groups, key=lambda g: g[0].key), dropped
 
 
+def group_same_bin(groups: Sequence[list[Sample]]) -> list[list[Sample]]:
+    """Groups joined wherever their photos list a product in common, in the order of their first group.
+
+    ABID photographs a bin again after each pick or stow: such photos share products and differ in count (in
+    the 407-photo sample, 228 photos fall in 110 groups and no two photos of a group have the same count). A bin
+    split between training and evaluation is recalled, not counted: the model answers its twin's count.
+    """
+    parent = list(range(len(groups)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    holder: dict[str, int] = {}
+    for i, group in enumerate(groups):
+        for product in sorted(frozenset().union(*(s.products for s in group))):
+            parent[root(i)] = root(holder.setdefault(product, i))
+    merged: dict[int, list[Sample]] = {}
+    for i, group in enumerate(groups):
+        merged.setdefault(root(i), []).extend(group)
+    return [sorted(m, key=lambda s: s.key) if len(m) > 1 else m for m in merged.values()]
+
+
 def _size(groups: list[list[Sample]]) -> int:
     return sum(len(g) for g in groups)
 
@@ -160,26 +192,47 @@ def undersample(by_class: dict[int, list[list[Sample]]], rng: random.Random) -> 
     return out
 
 
-def stratified_split(by_class: dict[int, list[list[Sample]]], fractions: Sequence[float],
-                     rng: random.Random) -> dict[str, list[Sample]]:
-    """Per class, shuffled groups fill train, then val, then test up to largest-remainder targets.
+def stratified_split(groups: Sequence[list[Sample]], fractions: Sequence[float], rng: random.Random,
+                     names: Sequence[str] = SPLITS) -> dict[str, list[Sample]]:
+    """Whole groups into splits with per-class largest-remainder targets.
 
-    Groups that fit nowhere (only possible with duplicate groups) go to train, never to an evaluation split.
+    Groups of several counts (one bin's photos) go first, shuffled, biggest first, each to the split it overfills
+    least (then the one with the largest share of its room left): one that fits no evaluation split lands in train. Then per class the
+    shuffled one-count groups fill the splits in order up to what is left of their targets; those that fit
+    nowhere go to the first split (train), never to an evaluation split.
     """
-    splits: dict[str, list[Sample]] = {s: [] for s in SPLITS}
-    for _, groups in sorted(by_class.items()):
-        shuffled = groups[:]
-        rng.shuffle(shuffled)
-        targets = _largest_remainder(_size(groups), fractions)
+    classes = sorted({s.label for g in groups for s in g})
+    targets = {c: dict(zip(names, _largest_remainder(sum(s.label == c for g in groups for s in g), fractions)))
+               for c in classes}
+    taken = {c: dict.fromkeys(names, 0) for c in classes}
+    splits: dict[str, list[Sample]] = {n: [] for n in names}
+    mixed = [g for g in groups if len({s.label for s in g}) > 1]
+    if mixed:
+        rng.shuffle(mixed)
+        for group in sorted(mixed, key=len, reverse=True):
+            need = Counter(s.label for s in group)
+
+            def cost(name: str) -> tuple[int, float]:
+                over = sum(max(0, taken[c][name] + n - targets[c][name]) for c, n in need.items())
+                target = sum(targets[c][name] for c in classes)
+                return over, -sum(targets[c][name] - taken[c][name] for c in classes) / max(1, target)
+
+            best = min(names, key=cost)
+            splits[best].extend(group)
+            for c, n in need.items():
+                taken[c][best] += n
+    for c in classes:
+        pure = [g for g in groups if g[0].label == c and len({s.label for s in g}) == 1]
+        rng.shuffle(pure)
         i = 0
-        for split, target in zip(SPLITS, targets):
-            taken = 0
-            while i < len(shuffled) and taken + len(shuffled[i]) <= target:
-                splits[split].extend(shuffled[i])
-                taken += len(shuffled[i])
+        for name in names:
+            room = targets[c][name] - taken[c][name]
+            while i < len(pure) and len(pure[i]) <= room:
+                splits[name].extend(pure[i])
+                room -= len(pure[i])
                 i += 1
-        for g in shuffled[i:]:
-            splits[SPLITS[0]].extend(g)
+        for g in pure[i:]:
+            splits[names[0]].extend(g)
     return splits
 
 
@@ -234,7 +287,8 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     rng = random.Random(cfg.seed)
     if cfg.balance == "undersample":
         by_class = undersample(by_class, rng)
-    splits = stratified_split(by_class, cfg.split, rng)
+    bins = group_same_bin([g for groups_of_class in by_class.values() for g in groups_of_class])
+    splits = stratified_split(bins, cfg.split, rng)
     if cfg.balance == "oversample":
         splits["train"] = oversample(splits["train"], rng)
 
@@ -243,6 +297,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         store.put_text(dataset_key(cfg.name, f"{split}.jsonl"),
                        "".join(json.dumps({"key": s.key, "label": s.label}) + "\n" for s in records))
     duplicated = [g for g in groups if len(g) > 1]
+    same_bin = [g for g in bins if len({s.md5 for s in g}) > 1]
     stats = {
         "name": cfg.name,
         "store": store.uri,
@@ -258,6 +313,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         },
         "rejected": dict(sorted(rejected.items())),
         "duplicates": {"groups": len(duplicated), "images": _size(duplicated)},
+        "same_bin": {"groups": len(same_bin), "images": _size(same_bin)},
     }
     store.put_text(dataset_key(cfg.name, "stats.json"), json.dumps(stats, indent=2) + "\n")
     return PrepareResult(cfg.name, store.url(f"datasets/{cfg.name}"), stats)
