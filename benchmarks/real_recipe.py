@@ -4,8 +4,10 @@ taken away in turn (ablation).
 
 Every variant trains and evaluates through bincount itself (`bincount.train.loop.train`, then
 `bincount.evaluate.evaluate`) on the same folds: for repeat r, the photos are split into `--folds` stratified
-folds (seed r); fold k is the test split, untouched by every choice, and the rest is split again, stratified,
-into train and validation (the validation split picks the best epoch and fits the temperature). Variants that
+folds (seed r) of whole bins, as `bincount data prepare` splits (photos that list a product in common are one
+bin before and after a pick, with other counts: split apart, recognising the bin scores its twin's count);
+fold k is the test split, untouched by every choice, and the rest is split again, stratified, into train and
+validation (the validation split picks the best epoch and fits the temperature). Variants that
 differ from the recipe only in how the exported model predicts (no TTA, no calibration, another decoding) are
 not retrained: the recipe's own weights are re-exported with that inference, the temperature refitted on
 validation exactly as training's export does.
@@ -15,7 +17,7 @@ calibration error, the training time per epoch (on this machine), and each varia
 on the same folds; `--out` keeps every fold's numbers as JSON.
 
     .venv/bin/python benchmarks/real_recipe.py [--folds 5] [--repeats 3] [--variants abid,resnet18-scratch,...]
-        [--ablation-repeats 1] [--ablation-folds 0] [--work DIR] [--out real_recipe.json]
+        [--ablation-repeats 1] [--ablation-folds 0] [--split-by bin|photo] [--work DIR] [--out real_recipe.json]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 
 from bincount.config import EvaluateConfig, load_train_config, recipe_settings
 from bincount.data.dataset import BinImages, ImageCache, load_split
+from bincount.data.prepare import Sample, group_same_bin, stratified_split
 from bincount.devices import pick_device
 from bincount.evaluate import evaluate, predict_log_probs
 from bincount.model.exported import ExportedModel, Inference, fit_temperature
@@ -56,6 +59,8 @@ TRAINED: dict[str, dict] = {
     "-counting augment (flip)": {"augment": "flip"},
     "-lower backbone lr": {"backbone_lr_scale": 1.0},
     "backbone lr 0.1x": {"backbone_lr_scale": 0.1},
+    "ema (half-life 2 epochs)": {"ema_half_life": 2.0},
+    "monitor val_loss": {"monitor": "val_loss"},
     "at 288 px": {"image_size": 288},
     "frozen to blocks.1 for 15 epochs": {"freeze": "blocks.1", "epochs": 15},
 }
@@ -68,39 +73,32 @@ MAIN = ("abid", "resnet18-scratch", "lite0-linear-probe")
 METRICS = ("balanced_accuracy", "mae", "within_one_accuracy", "accuracy", "ece")
 
 
-def stratified_folds(keys: list[str], labels: dict[str, int], folds: int, seed: int) -> list[list[str]]:
-    """Each class dealt round-robin over the folds after a seeded shuffle."""
-    rng = random.Random(seed)
-    out: list[list[str]] = [[] for _ in range(folds)]
-    offset = 0
-    for c in CLASSES:
-        members = sorted(k for k in keys if labels[k] == c)
-        rng.shuffle(members)
-        for i, key in enumerate(members):
-            out[(i + offset) % folds].append(key)
-        offset += len(members)
-    return out
-
-
-def write_fold(store_root: Path, name: str, splits: dict[str, list[str]], labels: dict[str, int]) -> None:
-    for split, keys in splits.items():
+def write_fold(store_root: Path, name: str, splits: dict[str, list[Sample]]) -> None:
+    for split, samples in splits.items():
         path = store_root / "datasets" / name / f"{split}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"key": k, "label": labels[k]}) + "\n" for k in sorted(keys)))
+        path.write_text("".join(json.dumps({"key": s.key, "label": s.label}) + "\n"
+                                for s in sorted(samples, key=lambda s: s.key)))
 
 
-def make_folds(store_root: Path, folds: int, repeats: int) -> list[str]:
-    labels = {p.stem: json.loads(p.read_text())["EXPECTED_QUANTITY"] for p in (SAMPLE / "metadata").glob("*.json")}
-    keys = sorted(labels)
+def make_folds(store_root: Path, folds: int, repeats: int, by_bin: bool) -> list[str]:
+    """Stratified folds of whole groups, as `bincount data prepare` splits: by bin, the photos sharing a product
+    (one bin before and after a pick) never straddle train, validation and test; by photo, they may."""
+    samples = []
+    for path in sorted((SAMPLE / "metadata").glob("*.json")):
+        meta = json.loads(path.read_text())
+        samples.append(Sample(path.stem, meta["EXPECTED_QUANTITY"], path.stem,
+                              frozenset(meta["BIN_FCSKU_DATA"]) if by_bin else frozenset()))
+    groups = group_same_bin([[s] for s in samples])
     names = []
     for r in range(repeats):
-        parts = stratified_folds(keys, labels, folds, seed=r)
-        for k, test in enumerate(parts):
-            rest = [key for i, part in enumerate(parts) if i != k for key in part]
-            val_parts = stratified_folds(rest, labels, round(1 / VAL_SHARE), seed=1000 + 10 * r + k)
-            val = val_parts[0]
+        parts = stratified_split(groups, [1 / folds] * folds, random.Random(r), [str(k) for k in range(folds)])
+        for k in range(folds):
+            test = {s.key for s in parts[str(k)]}
+            rest = [g for g in groups if g[0].key not in test]
+            fit = stratified_split(rest, [1 - VAL_SHARE, VAL_SHARE], random.Random(1000 + 10 * r + k), ("train", "val"))
             name = f"r{r}k{k}"
-            write_fold(store_root, name, {"train": sorted(set(rest) - set(val)), "val": val, "test": test}, labels)
+            write_fold(store_root, name, {**fit, "test": parts[str(k)]})
             names.append(name)
     return names
 
@@ -177,6 +175,8 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join([*TRAINED, *DERIVED]))
     parser.add_argument("--out", default="real_recipe.json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--split-by", choices=("bin", "photo"), default="bin",
+                        help="keep the photos of one bin in one fold (default), or split photo by photo")
     args = parser.parse_args()
     if not (SAMPLE / "metadata").is_dir():
         print(f"the ABID sample is not at {SAMPLE}", file=sys.stderr)
@@ -197,7 +197,7 @@ def main() -> int:
         for sub in ("bin-images", "metadata"):
             if not (root / "raw" / sub).is_dir():
                 shutil.copytree(SAMPLE / sub, root / "raw" / sub)
-        folds = make_folds(root, args.folds, args.repeats)
+        folds = make_folds(root, args.folds, args.repeats, args.split_by == "bin")
         for fold in folds:
             repeat, k = int(fold[1:fold.index("k")]), int(fold[fold.index("k") + 1:])
             for variant in sorted(variants, key=lambda v: v != "abid"):      # derived ones need the recipe first
