@@ -100,3 +100,28 @@ def test_the_best_epoch_is_the_first_with_the_best_monitored_value(store, cache_
     best = min(values) if monitor == "val_loss" else max(values)
     assert len(set(values)) > 1                 # the epochs differ, so a wrong direction picks another one
     assert result.best_epoch == values.index(best) + 1
+
+
+def _head(store: str, key: str) -> torch.Tensor:
+    return torch.load(io.BytesIO(open_store(store).get(key)), map_location="cpu", weights_only=True)
+
+
+def test_the_moving_average_is_what_is_validated_exported_and_resumed(store, cache_dir):
+    settings = dict(lr=0.05, schedule="constant", monitor="val_loss", **FAST)
+    train(tiny_config(store, "ema-instant", cache_dir, epochs=2, ema_half_life=1e-9, **settings))
+    instant = _ckpt(store, "ema-instant")
+    assert torch.allclose(instant["ema"]["module.weight"], instant["net"]["weight"], atol=1e-7)
+
+    train(tiny_config(store, "ema-resumed", cache_dir, epochs=1, ema_half_life=1.0, **settings))
+    first = _ckpt(store, "ema-resumed")
+    averaged = first["ema"]["module.weight"]
+    assert not torch.allclose(averaged, first["net"]["weight"], atol=1e-4)    # it lags the trained weights
+    assert torch.equal(_head(store, checkpoint_key("ema-resumed", "best.pt"))["weight"], averaged)
+    assert torch.equal(_head(store, "models/ema-resumed/model.pt")["fc.weight"], averaged)
+
+    train(tiny_config(store, "ema-resumed", cache_dir, epochs=2, ema_half_life=1.0, **settings))
+    train(tiny_config(store, "ema-whole", cache_dir, epochs=2, ema_half_life=1.0, **settings))
+    resumed, whole = _ckpt(store, "ema-resumed"), _ckpt(store, "ema-whole")
+    assert resumed["ema"]["n_averaged"] == whole["ema"]["n_averaged"] == whole["scheduler"]["last_epoch"]
+    assert torch.equal(resumed["ema"]["module.weight"], whole["ema"]["module.weight"])
+    assert resumed["state"]["history"][1]["val_loss"] == whole["state"]["history"][1]["val_loss"]

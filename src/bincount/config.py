@@ -143,6 +143,7 @@ class TrainConfig:
     channels_last: bool | None = None           # None: on GPU, or on CPU with bf16 (fp32 CPU convs are slower)
     monitor: str = "val_accuracy"               # val_accuracy, val_balanced_accuracy (max) or val_loss (min)
     patience: int = 0                           # epochs without improvement before stopping; 0: never
+    ema_half_life: float = 0.0                  # epochs; >0: validate and export a moving average of the weights
     tta: str = "none"                           # exported model: none, or dihedral (mean over 8 flips/turns)
     calibration: str = "none"                   # exported model: none, or temperature (fitted on val)
     decode: str = "argmax"                      # exported model: argmax, or median (least expected count error)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from bincount import metrics
@@ -62,7 +63,7 @@ METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accurac
                "val_mae", "lr")
 # A resume with other values here would silently continue a different model.
 RESUME_KEYS = ("dataset", "arch", "weights", "freeze", "classes", "image_size", "feature_cache", "batch_size",
-               "accumulate")
+               "accumulate", "ema_half_life")
 
 
 class NonFiniteLossError(BincountError):
@@ -200,8 +201,11 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     # ---- recipe
     optimizer = make_optimizer(net, cfg, head_prefix)
-    scheduler = make_scheduler(optimizer, cfg, math.ceil(len(train_loader) / cfg.accumulate))
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
+    ema = make_ema(net, cfg, steps_per_epoch)
+    judged = ema.module if ema is not None else net     # the weights validated, kept as best and exported
 
     # ---- resume
     state = RunState()
@@ -210,6 +214,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         state = RunState(**ckpt["state"])
         restore_rng(ckpt["rng"], d, cfg.seed)
         log(f"resuming run {cfg.run} from {store.url(checkpoint_key(cfg.run))} after epoch {state.epoch}")
@@ -228,9 +234,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         timer = report.EpochTimer()
         profiler = _start_profiler(cfg, d) if epoch == first_epoch else None
         train_stats = train_epoch(ddp_net, net, train_loader, optimizer, scheduler, scaler, criterion, prepare,
-                                  autocast, cfg, d, epoch, timer, profiler)
+                                  autocast, cfg, d, epoch, timer, profiler, ema)
         distributed.sync_buffers(d, net)
-        val_stats = validate_epoch(net, val_loader, prepare, autocast, cfg.classes, d)
+        val_stats = validate_epoch(judged, val_loader, prepare, autocast, cfg.classes, d)
         record = {k: _round(v) for k, v in {"epoch": epoch, **train_stats, **val_stats,
                                             "lr": optimizer.param_groups[0]["lr"]}.items()}
         improved = state.best is None or (record[cfg.monitor] < state.best if cfg.monitor in MINIMIZED
@@ -245,7 +251,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         rngs = distributed.all_gather(d, rng_state())
         with distributed.phase(d):
             if d.main:
-                save_checkpoint(store, cfg, net, optimizer, scheduler, scaler, state, rngs, improved)
+                save_checkpoint(store, cfg, net, judged, ema, optimizer, scheduler, scaler, state, rngs, improved)
                 if profiler is not None:
                     _upload_trace(store, cfg.run, profiler)
         if d.main:
@@ -278,7 +284,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 def train_epoch(ddp_net: nn.Module, net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 scheduler, scaler: torch.amp.GradScaler, criterion: nn.Module, prepare: Callable,
                 autocast: Callable, cfg: TrainConfig, d: Dist, epoch: int, timer: report.EpochTimer,
-                profiler) -> dict[str, float]:
+                profiler, ema: AveragedModel | None) -> dict[str, float]:
     freeze.train_mode(net)
     totals = torch.zeros(3, dtype=torch.float64, device=d.device)    # loss sum, correct, samples
     optimizer.zero_grad(set_to_none=True)
@@ -305,6 +311,8 @@ def train_epoch(ddp_net: nn.Module, net: nn.Module, loader: DataLoader, optimize
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(net)
         totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                torch.tensor(float(len(y)), dtype=torch.float64, device=d.device)])
         timer.step_done()
@@ -392,7 +400,7 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < low:
             problems.append(f"{name} must be at least {low}, got {getattr(cfg, name)}")
     for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "grad_clip", "label_smoothing",
-                 "backbone_lr_scale"):
+                 "backbone_lr_scale", "ema_half_life"):
         if not getattr(cfg, name) >= 0:
             problems.append(f"{name} must be 0 or more, got {getattr(cfg, name)}")
     if not cfg.lr > 0 or not cfg.label_smoothing < 1 or not cfg.ordinal_scale > 0:
@@ -467,6 +475,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_ema(net: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> AveragedModel | None:
+    """A moving average of the weights (batch-norm statistics too), its half-life in epochs so that one recipe
+    averages alike over 300 photos or 300,000: on a few hundred noisy photos single epochs' weights swing, and
+    the epoch picked on a small validation split is partly picked by that swing."""
+    if cfg.ema_half_life <= 0:
+        return None
+    decay = 0.5 ** (1 / (cfg.ema_half_life * max(1, steps_per_epoch)))
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -539,16 +557,17 @@ def load_checkpoint(store: Store, cfg: TrainConfig) -> dict | None:
     return ckpt
 
 
-def save_checkpoint(store: Store, cfg: TrainConfig, net: nn.Module, optimizer, scheduler, scaler, state: RunState,
-                    rngs: list[dict], improved: bool) -> None:
-    """best.pt when it improved, then last.pt, then the metric log; each write atomic. Both hold what trains
-    (`net`): the whole model, or over cached features only its head — a frozen backbone is not written again
-    every epoch of every trial."""
+def save_checkpoint(store: Store, cfg: TrainConfig, net: nn.Module, judged: nn.Module, ema: AveragedModel | None,
+                    optimizer, scheduler, scaler, state: RunState, rngs: list[dict], improved: bool) -> None:
+    """best.pt (the weights validated: `net`'s, or their moving average) when it improved, then last.pt, then the
+    metric log; each write atomic. They hold what trains: the whole model, or over cached features only its
+    head — a frozen backbone is not written again every epoch of every trial."""
     if improved:
-        store.put(checkpoint_key(cfg.run, "best.pt"), _save(net.state_dict()))
+        store.put(checkpoint_key(cfg.run, "best.pt"), _save(judged.state_dict()))
     store.put(checkpoint_key(cfg.run), _save({
         "net": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "state": dataclasses.asdict(state), "rng": rngs, "config": to_dict(cfg)}))
+        "scaler": scaler.state_dict(), "state": dataclasses.asdict(state), "rng": rngs, "config": to_dict(cfg),
+        **({"ema": ema.state_dict()} if ema is not None else {})}))
     store.put_text(checkpoint_key(cfg.run, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in state.history))
 
 
