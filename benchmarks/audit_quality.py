@@ -3,8 +3,8 @@
 For each photo set (synthetic bins, and the real ABID sample where ../shared is present) it prepares a dataset
 (split 0.5/0.2/0.3), trains a model — `--train probe`: the cheap way (ImageNet EfficientNet-Lite0, frozen
 backbone, head on cached features, temperature-calibrated on the validation split); `--train abid`: the abid
-recipe (fine-tuned Lite0, ordinal loss, dihedral TTA, temperature, median decoding) — then plants wrong expected quantities on a fraction of
-the test split's bins (each moved by ±1 or ±2 within 1-5) and runs `bincount audit` with that CSV. Planted bins are
+recipe (fine-tuned Lite0, ordinal loss, dihedral TTA, temperature, argmax decoding) — then plants wrong expected
+quantities on a fraction of the test split's bins (each moved by ±1 or ±2 within 1-5) and runs `bincount audit` with that CSV. Planted bins are
 the positives. For the first seed the ranking is the audit's own output; for the other seeds the same formula,
 p_mismatch = 1 − P(count = expected), is applied to the probabilities the audit recorded (the model's answers do
 not depend on the plant). Printed per set: AUROC and precision@k (k = planted bins) of
@@ -19,13 +19,14 @@ The real sample's own EXPECTED_QUANTITY is noisy, so some "clean" bins are wrong
 
 Measured 2026-12-03 (defaults; AUROC / precision@k, mean ± sd over 20 seeds):
   synthetic, 300 test bins, model accuracy 0.58: p_mismatch 0.835 / 0.572, naive 0.717 / 0.259, random 0.521 / 0.141
-  real ABID sample, 121 test bins, model accuracy 0.28 (a linear probe on 200 photos: near chance, so the
-  ranking is too): p_mismatch 0.569 / 0.150, naive 0.559 / 0.183, random 0.513 / 0.153
-  real, --train abid (fine-tuned on 203 photos, 44 min on the shared cores; measured before the trainer's
-  best-epoch fix of 2026-12-05, so the model was the run's worst epoch by validation balanced accuracy):
-  test accuracy 0.22, chance again:
-  p_mismatch 0.504 / 0.172, naive 0.454 / 0.136, random 0.515 / 0.147. The sample is too small to train a
-  model that counts real bins; the audit can only be as good as its model.
+  real ABID sample, split by bin as prepare now splits (2026-12-06; a bin's photos before and after a pick
+  share products and differ in count, and none is in two splits), 121 test bins:
+  --train probe (a linear probe on 200 photos), test accuracy 0.23:
+    p_mismatch 0.561 / 0.217, naive 0.522 / 0.144, random 0.505 / 0.161
+  --train abid (fine-tuned on 203 photos, 280 s), test accuracy 0.22:
+    p_mismatch 0.582 / 0.264, naive 0.492 / 0.136, random 0.508 / 0.167
+  Near chance: on bins it has never seen, ~200 photos do not train a model that counts real bins, and the
+  audit can only be as good as its model; its probabilities still rank a little above both baselines.
 """
 
 from __future__ import annotations
