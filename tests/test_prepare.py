@@ -127,6 +127,13 @@ def test_photos_of_one_bin_stay_in_one_split(real_store, abid_sample):
     sizes = {s: len(m[s]) for s in SPLITS}
     assert abs(sizes["val"] - 0.2 * 407) <= 5 and abs(sizes["test"] - 0.1 * 407) <= 5, sizes
     assert "photos sharing a product (one bin, other counts): 228 in 110 groups" in result.summary()
+    bins: dict[str, list[dict]] = {}
+    for r in (r for s in SPLITS for r in m[s] if "bin" in r):
+        bins.setdefault(r["bin"], []).append(r)
+    assert len(bins) == 110 and sum(map(len, bins.values())) == 228
+    for members in bins.values():       # one bin: products in common, counts apart, its first key as its name
+        assert set.intersection(*(products[r["key"]] for r in members)) or len(members) > 2
+        assert len({r["label"] for r in members}) > 1 and members[0]["bin"] == min(r["key"] for r in members)
 
 
 def test_bad_pairs_are_counted_not_fatal(tmp_path):

@@ -4,6 +4,7 @@ schedules, config checks, manifests, the image cache and the transforms."""
 from __future__ import annotations
 
 import io
+import math
 import re
 import time
 from datetime import datetime, timezone
@@ -19,7 +20,7 @@ from bincount.store import open_store
 from bincount.model import zoo
 from bincount.model.exported import Preprocessing
 from bincount.model.preprocess import read_image
-from bincount.train import freeze, presets, report
+from bincount.train import freeze, losses, presets, report, sampling
 from bincount.train.loop import make_optimizer, make_scheduler, metric_line, validate
 from training_data import KATIB_METRIC
 
@@ -254,3 +255,42 @@ def test_epoch_timer_counts_outlier_steps():
     stats = timer.stats()
     assert stats["step_outliers"] == 1 and stats["step_time_max_s"] >= 0.05
     assert 0 <= stats["data_wait_share"] < 0.5
+
+
+def test_the_same_bin_sampler_shuffles_whole_bins_and_shares_them_like_distributed_sampler():
+    bins = sampling.bin_ids([Item("a", 1, "x"), Item("b", 2), Item("c", 3, "x"), Item("d", 1, "y"),
+                             Item("e", 2, "z"), Item("f", 4, "y"), Item("g", 5), Item("h", 3, "x")])
+    assert bins == [0, -1, 0, 1, -1, 1, -1, 0]      # "z" has one photo here: a photo alone
+    sampler = sampling.SameBinSampler(bins, num_replicas=1, rank=0, seed=7)
+    orders = []
+    for epoch in (1, 2, 1):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert orders[0] == orders[2] != orders[1] and sorted(orders[0]) == list(range(8))
+    for order in orders:
+        for members in ({0, 2, 7}, {3, 5}):
+            places = sorted(order.index(i) for i in members)
+            assert places[-1] - places[0] == len(members) - 1, (order, members)
+    shares = [list(sampling.SameBinSampler(bins, num_replicas=3, rank=r, seed=7)) for r in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3] and set().union(*shares) == set(range(8))
+
+
+def test_same_bin_ranking_wants_the_photo_with_more_items_to_expect_more():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    sure = torch.full((5,), -9.0)
+    two, four = sure.clone(), sure.clone()
+    two[1], four[3] = 9.0, 9.0
+    y, bins = torch.tensor([1, 3]), torch.tensor([0, 0])
+    right = losses.same_bin_ranking(torch.stack([two, four]), y, bins, values)
+    wrong = losses.same_bin_ranking(torch.stack([four, two]), y, bins, values)
+    assert right < 0.2 < math.log(2) < 2.0 < wrong
+    # other bins, photos alone and equal counts are not compared: only the right pair counts
+    logits = torch.stack([two, four, four, two, four, two, two, two])
+    y8 = torch.tensor([1, 3, 1, 3, 1, 3, 1, 1])
+    assert torch.isclose(losses.same_bin_ranking(logits, y8, torch.tensor([0, 0, 1, 2, -1, -1, 3, 3]), values), right)
+    flat = torch.zeros(2, 5, requires_grad=True)
+    losses.same_bin_ranking(flat, y, bins, values).backward()
+    expected_after = (flat.detach() - flat.grad).softmax(1) @ values
+    assert expected_after[1] > 3.0 > expected_after[0]
+    none = losses.same_bin_ranking(flat, y, torch.tensor([0, 1]), values)
+    assert none.item() == 0 and none.requires_grad

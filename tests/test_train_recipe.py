@@ -15,6 +15,7 @@ from bincount.data.dataset import Item
 from bincount.store import open_store
 from bincount.config import TrainConfig
 from bincount.errors import ConfigError
+from bincount.train import losses
 from bincount.train.loop import checkpoint_key, class_weights, seed_everything, train
 from bincount.model.zoo import build_model
 from training_data import DATASET, tiny_args, tiny_config
@@ -125,3 +126,32 @@ def test_the_moving_average_is_what_is_validated_exported_and_resumed(store, cac
     assert resumed["ema"]["n_averaged"] == whole["ema"]["n_averaged"] == whole["scheduler"]["last_epoch"]
     assert torch.equal(resumed["ema"]["module.weight"], whole["ema"]["module.weight"])
     assert resumed["state"]["history"][1]["val_loss"] == whole["state"]["history"][1]["val_loss"]
+
+
+def test_same_bin_ranking_sees_a_bins_photos_in_one_batch(store, cache_dir, monkeypatch, capsys):
+    s = open_store(store)
+    for split in ("train", "val", "test"):
+        records = [json.loads(line) for line in s.get_text(f"datasets/{DATASET}/{split}.jsonl").splitlines()]
+        if split == "train":          # neighbours of other counts become one bin photographed twice
+            for a, b in zip(records[::2], records[1::2]):
+                if a["label"] != b["label"]:
+                    a["bin"] = b["bin"] = a["key"]
+            twins = sum("bin" in r for r in records) // 2
+        s.put_text(f"datasets/{DATASET}-bins/{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    compared = []
+    ranking = losses.same_bin_ranking
+
+    def counting(logits, y, bins, values):
+        compared.append(int(((bins[:, None] == bins[None, :]) & (bins[:, None] >= 0) & (y[:, None] > y[None, :]))
+                            .sum()))
+        return ranking(logits, y, bins, values)
+
+    monkeypatch.setattr(losses, "same_bin_ranking", counting)
+    settings = dict(dataset=f"{DATASET}-bins", epochs=2, batch_size=8, **FAST)
+    train(tiny_config(store, "same-bin", cache_dir, same_bin_rank_weight=1.0, **settings))
+    assert f"same-bin ranking: {2 * twins} training photos in {twins} bins" in capsys.readouterr().err
+    # a shuffled sampler puts ~7/N of pairs in one batch of 8; whole bins only split at a batch's edge
+    assert twins >= 8 and sum(compared) >= 2 * 0.7 * twins, (compared, twins)
+    calls = len(compared)
+    train(tiny_config(store, "no-same-bin", cache_dir, **settings))
+    assert len(compared) == calls

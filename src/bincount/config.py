@@ -136,6 +136,8 @@ class TrainConfig:
     loss: str = "ce"                            # ce, or ordinal (soft targets that respect the order of counts)
     label_smoothing: float = 0.0                # ce only
     ordinal_scale: float = 1.0                  # ordinal only: target weight exp(-scale·(count - label)²)
+    same_bin_rank_weight: float = 0.0           # >0: batches keep a bin's photos together; the one with more
+                                                # items must have the higher expected count (weight of that term)
     class_weights: list[float] | str = "none"   # none, balanced (from the train split), or one weight per class
     grad_clip: float = 0.0                      # max gradient norm; 0: off
     accumulate: int = 1                         # micro-batches per optimizer step

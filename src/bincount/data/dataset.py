@@ -34,6 +34,7 @@ class DataError(BincountError):
 class Item:
     key: str
     label: int
+    bin: str = ""       # prepare's id of the bin photographed in several photos (before and after a pick); "" alone
 
 
 def load_split(store: Store, dataset: str, split: str, classes: Sequence[int] | None) -> list[Item]:
@@ -56,7 +57,10 @@ def load_split(store: Store, dataset: str, split: str, classes: Sequence[int] | 
         if isinstance(label, bool) or not isinstance(label, int) or (classes is not None and label not in classes):
             raise DataError(f"{where} line {n}: label {label!r} of key {key!r} is not one of the classes "
                             f"{', '.join(map(str, classes or ()))}")
-        items.append(Item(key, label))
+        bin_id = record.get("bin", "")
+        if not isinstance(bin_id, str):
+            raise DataError(f"{where} line {n}: bin {bin_id!r} of key {key!r} is not a string")
+        items.append(Item(key, label, bin_id))
     return items
 
 

@@ -292,10 +292,13 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     if cfg.balance == "oversample":
         splits["train"] = oversample(splits["train"], rng)
 
+    # a bin's photos carry its first key, so training can compare the counts of one bin (`same_bin_rank_weight`)
+    bin_of = {s.key: g[0].key for g in bins if len(g) > 1 for s in g}
     for split in SPLITS:
         records = sorted(splits[split], key=lambda s: s.key)
-        store.put_text(dataset_key(cfg.name, f"{split}.jsonl"),
-                       "".join(json.dumps({"key": s.key, "label": s.label}) + "\n" for s in records))
+        store.put_text(dataset_key(cfg.name, f"{split}.jsonl"), "".join(
+            json.dumps({"key": s.key, "label": s.label, **({"bin": bin_of[s.key]} if s.key in bin_of else {})})
+            + "\n" for s in records))
     duplicated = [g for g in groups if len(g) > 1]
     same_bin = [g for g in bins if len({s.md5 for s in g}) > 1]
     stats = {

@@ -49,7 +49,7 @@ from bincount.model import zoo
 from bincount.evaluate import predict_log_probs
 from bincount.model.exported import DECODINGS, TTA_MODES, ExportedModel, Inference, Preprocessing, fit_temperature
 from bincount.store import KeyNotFoundError, Store, open_store
-from bincount.train import distributed, features, freeze, losses, presets, report
+from bincount.train import distributed, features, freeze, losses, presets, report, sampling
 from bincount.train.distributed import Dist
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -190,8 +190,17 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         prepare, head_prefix = to_input, zoo.head_name(model) + "."
     workers = 0 if fast else cfg.workers        # features are in memory already
     streamed = isinstance(train_set, shards.ShardStream)
-    sampler = None if streamed else DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
-                                                       seed=cfg.seed)
+    bins = sampling.bin_ids(ordered["train"]) if cfg.same_bin_rank_weight > 0 and not indexes else []
+    if cfg.same_bin_rank_weight > 0:
+        log("same-bin ranking: off, the shards do not record bins" if indexes else
+            f"same-bin ranking: {sum(b >= 0 for b in bins)} training photos in {len(set(bins) - {-1})} bins")
+    if streamed:
+        sampler = None
+    elif any(b >= 0 for b in bins):
+        train_set = sampling.WithBins(train_set, bins)
+        sampler = sampling.SameBinSampler(bins, num_replicas=d.world, rank=d.rank, seed=cfg.seed)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
     per_rank = len(train_set) if streamed else len(sampler)
     loading = {"num_workers": workers, "pin_memory": d.device.type == "cuda",
                "prefetch_factor": cfg.prefetch_factor if workers else None}
@@ -293,7 +302,7 @@ def train_epoch(ddp_net: nn.Module, net: nn.Module, loader: DataLoader, optimize
         batch = distributed.next_batch(d, batches)
         if batch is None:
             break
-        x, y = batch
+        x, y, *bins = batch
         timer.batch_ready()
         x, y = prepare(x), y.to(d.device, non_blocking=True)
         step_now = (i + 1) % cfg.accumulate == 0 or i + 1 == steps
@@ -301,6 +310,9 @@ def train_epoch(ddp_net: nn.Module, net: nn.Module, loader: DataLoader, optimize
             with autocast():
                 logits = ddp_net(x)
             loss = criterion(logits.float(), y)
+            if bins:
+                loss = loss + cfg.same_bin_rank_weight * losses.same_bin_ranking(
+                    logits, y, bins[0].to(d.device), criterion.values)
             _check_finite(loss, d, cfg.run, epoch, i + 1)
             scaler.scale(loss / cfg.accumulate).backward()
         if step_now:
@@ -400,7 +412,7 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < low:
             problems.append(f"{name} must be at least {low}, got {getattr(cfg, name)}")
     for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "grad_clip", "label_smoothing",
-                 "backbone_lr_scale", "ema_half_life"):
+                 "backbone_lr_scale", "ema_half_life", "same_bin_rank_weight"):
         if not getattr(cfg, name) >= 0:
             problems.append(f"{name} must be 0 or more, got {getattr(cfg, name)}")
     if not cfg.lr > 0 or not cfg.label_smoothing < 1 or not cfg.ordinal_scale > 0:
