@@ -61,6 +61,9 @@ TRAINED: dict[str, dict] = {
     "backbone lr 0.1x": {"backbone_lr_scale": 0.1},
     "ema (half-life 2 epochs)": {"ema_half_life": 2.0},
     "monitor val_loss": {"monitor": "val_loss"},
+    "same-bin ranking (weight 1)": {"same_bin_rank_weight": 1.0},
+    "same-bin ranking (weight 0.3)": {"same_bin_rank_weight": 0.3},
+    "same-bin ranking (weight 3)": {"same_bin_rank_weight": 3.0},
     "at 288 px": {"image_size": 288},
     "frozen to blocks.1 for 15 epochs": {"freeze": "blocks.1", "epochs": 15},
 }
@@ -73,12 +76,14 @@ MAIN = ("abid", "resnet18-scratch", "lite0-linear-probe")
 METRICS = ("balanced_accuracy", "mae", "within_one_accuracy", "accuracy", "ece")
 
 
-def write_fold(store_root: Path, name: str, splits: dict[str, list[Sample]]) -> None:
+def write_fold(store_root: Path, name: str, splits: dict[str, list[Sample]], bin_of: dict[str, str]) -> None:
+    """The split manifests as prepare writes them: a photo of a bin with several photos carries the bin."""
     for split, samples in splits.items():
         path = store_root / "datasets" / name / f"{split}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"key": s.key, "label": s.label}) + "\n"
-                                for s in sorted(samples, key=lambda s: s.key)))
+        path.write_text("".join(
+            json.dumps({"key": s.key, "label": s.label, **({"bin": bin_of[s.key]} if s.key in bin_of else {})})
+            + "\n" for s in sorted(samples, key=lambda s: s.key)))
 
 
 def make_folds(store_root: Path, folds: int, repeats: int, by_bin: bool) -> list[str]:
@@ -90,6 +95,7 @@ def make_folds(store_root: Path, folds: int, repeats: int, by_bin: bool) -> list
         samples.append(Sample(path.stem, meta["EXPECTED_QUANTITY"], path.stem,
                               frozenset(meta["BIN_FCSKU_DATA"]) if by_bin else frozenset()))
     groups = group_same_bin([[s] for s in samples])
+    bin_of = {s.key: g[0].key for g in groups if len(g) > 1 for s in g}
     names = []
     for r in range(repeats):
         parts = stratified_split(groups, [1 / folds] * folds, random.Random(r), [str(k) for k in range(folds)])
@@ -98,7 +104,7 @@ def make_folds(store_root: Path, folds: int, repeats: int, by_bin: bool) -> list
             rest = [g for g in groups if g[0].key not in test]
             fit = stratified_split(rest, [1 - VAL_SHARE, VAL_SHARE], random.Random(1000 + 10 * r + k), ("train", "val"))
             name = f"r{r}k{k}"
-            write_fold(store_root, name, {**fit, "test": parts[str(k)]})
+            write_fold(store_root, name, {**fit, "test": parts[str(k)]}, bin_of)
             names.append(name)
     return names
 
