@@ -61,7 +61,7 @@ TRAINED: dict[str, dict] = {
     "backbone lr 0.1x": {"backbone_lr_scale": 0.1},
     "ema (half-life 2 epochs)": {"ema_half_life": 2.0},
     "monitor val_loss": {"monitor": "val_loss"},
-    "same-bin ranking (weight 1)": {"same_bin_rank_weight": 1.0},
+    "-same-bin ranking": {"same_bin_rank_weight": 0.0},
     "same-bin ranking (weight 0.3)": {"same_bin_rank_weight": 0.3},
     "same-bin ranking (weight 3)": {"same_bin_rank_weight": 3.0},
     "at 288 px": {"image_size": 288},
