@@ -17,7 +17,7 @@ from bincount.train.loop import METRIC_KEYS, checkpoint_key, train, weights_dige
 from bincount.train.losses import CountLoss
 from bincount.model.zoo import build_model, head_name
 from training_data import (DATASET, KATIB_METRIC, make_store, metric_lines, subprocess_env, tiny_args, tiny_config,
-                           train_command, train_full_and_kill_resumed)
+                           train_command, train_full_and_kill_resumed, with_bins)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,6 +66,19 @@ def test_torchrun_two_processes_learn_in_lockstep_and_print_katib_metric_lines(s
     model.load_state_dict(_load(store, "models/ddp/model.pt"))
     for name in ("report.json", "curves.png"):
         assert open_store(store).exists(f"reports/ddp/train/{name}")
+
+
+def test_torchrun_ranks_share_whole_bins_and_stay_in_lockstep(store, cache_dir):
+    twins = with_bins(store)
+    args = tiny_args(store, cache_dir, dataset=f"{DATASET}-bins", epochs=2, batch_size=4, same_bin_rank_weight=1.0)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "bincount.train", *args, "--run-id", "ddp-bins"],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"same-bin ranking: {2 * twins} training photos in {twins} bins" in proc.stderr
+    assert [m["epoch"] for m in metric_lines(proc.stdout)] == [1, 2]
+    digests = _final_digests(proc.stderr)
+    assert set(digests) == {0, 1} and digests[0] == digests[1]
 
 
 def test_killed_run_resumes_at_the_next_epoch_with_the_weights_of_an_uninterrupted_run(store, cache_dir):

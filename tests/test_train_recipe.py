@@ -18,7 +18,7 @@ from bincount.errors import ConfigError
 from bincount.train import losses
 from bincount.train.loop import checkpoint_key, class_weights, seed_everything, train
 from bincount.model.zoo import build_model
-from training_data import DATASET, tiny_args, tiny_config
+from training_data import DATASET, tiny_args, tiny_config, with_bins
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FAST = dict(freeze="backbone", feature_cache=True)
@@ -129,15 +129,7 @@ def test_the_moving_average_is_what_is_validated_exported_and_resumed(store, cac
 
 
 def test_same_bin_ranking_sees_a_bins_photos_in_one_batch(store, cache_dir, monkeypatch, capsys):
-    s = open_store(store)
-    for split in ("train", "val", "test"):
-        records = [json.loads(line) for line in s.get_text(f"datasets/{DATASET}/{split}.jsonl").splitlines()]
-        if split == "train":          # neighbours of other counts become one bin photographed twice
-            for a, b in zip(records[::2], records[1::2]):
-                if a["label"] != b["label"]:
-                    a["bin"] = b["bin"] = a["key"]
-            twins = sum("bin" in r for r in records) // 2
-        s.put_text(f"datasets/{DATASET}-bins/{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    twins = with_bins(store)
     compared = []
     ranking = losses.same_bin_ranking
 
