@@ -21,6 +21,7 @@ from bincount.model import zoo
 from bincount.model.exported import Preprocessing
 from bincount.model.preprocess import read_image
 from bincount.train import freeze, losses, presets, report, sampling
+from bincount.train.budget import Plan
 from bincount.train.loop import make_optimizer, make_scheduler, metric_line, validate
 from training_data import KATIB_METRIC
 
@@ -97,29 +98,37 @@ def test_weights_from_s3(s3_env):
         zoo.build_model("resnet18", 5, f"s3://{bucket}/runs/b/model.pt")
 
 
-def _lrs(schedule: str, epochs=4, steps=10, warmup=1.0) -> list[float]:
-    cfg = TrainConfig(store="s", dataset="d", run="r", lr=0.1, epochs=epochs, schedule=schedule, warmup_epochs=warmup)
+def _lrs(schedule: str, epochs=4, steps=10, warmup=1.0, total=0) -> list[float]:
+    cfg = TrainConfig(store="s", dataset="d", run="r", lr=0.1, epochs=epochs, schedule=schedule, warmup_epochs=warmup,
+                      steps=total)
     opt = make_optimizer(torch.nn.Linear(2, 2), cfg, "")
-    sched = make_scheduler(opt, cfg, steps)
+    plan = Plan.make(cfg.steps, cfg.epochs, steps, cfg.time_budget, 0.0)
+    sched = make_scheduler(opt, cfg, plan)
     out = []
-    for _ in range(epochs * steps):
+    for _ in range(plan.total):
         out.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    return out
+    return out + [opt.param_groups[0]["lr"]]        # after the last step
 
 
 def test_schedules():
     cosine = _lrs("cosine")
+    assert len(cosine) == 41
     assert cosine[:10] == pytest.approx([0.01 * (i + 1) for i in range(10)])       # linear warmup
-    assert cosine[10] == pytest.approx(0.1) and cosine[-1] < 0.001
+    assert cosine[10] == pytest.approx(0.1) and 0 < cosine[-2] < 0.001 and cosine[-1] == 0.0
     assert all(a >= b for a, b in zip(cosine[10:], cosine[11:]))
-    assert _lrs("constant")[10:] == pytest.approx([0.1] * 30)
+    linear = _lrs("linear")
+    assert linear[10:] == pytest.approx([0.1 * (30 - i) / 30 for i in range(31)])   # to zero on the last step
+    assert _lrs("constant")[10:] == pytest.approx([0.1] * 31)
     onecycle = _lrs("onecycle")
-    assert max(onecycle) == pytest.approx(0.1, rel=1e-3) and onecycle[0] < 0.01 and onecycle[-1] < 1e-4
+    assert max(onecycle) == pytest.approx(0.1, rel=1e-3) and onecycle[0] < 0.01 and onecycle[-2] < 1e-4
+    # `steps` ends the run and its decay mid-epoch; epochs stay a ceiling
+    assert len(_lrs("linear", total=25)) == 26 and _lrs("linear", total=25)[-1] == 0.0
+    assert len(_lrs("linear", total=500)) == 41
     # a warmup as long as the whole run (a one-epoch trial of the quickstart recipe) still schedules
     assert max(_lrs("onecycle", epochs=1, steps=3, warmup=1.0)) == pytest.approx(0.1, rel=1e-3)
-    assert _lrs("onecycle", epochs=1, steps=2, warmup=1.0) == pytest.approx([0.05, 0.1])  # linear warmup
+    assert _lrs("onecycle", epochs=1, steps=2, warmup=1.0)[:2] == pytest.approx([0.05, 0.1])  # linear warmup
 
 
 def test_weight_decay_skips_biases_and_norms_and_the_backbone_learns_at_its_scale():

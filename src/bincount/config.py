@@ -124,14 +124,18 @@ class TrainConfig:
     classes: tuple[int, ...] = CLASSES
     image_size: int = 224                       # the photo is stretched to this square; the cache keeps that square
     augment: str = "counting"                   # none, flip (the seed's), counting (flips, quarter turns, colour)
-    epochs: int = 10
+    epochs: int = 10                            # a ceiling when `steps` or `time_budget` say less
+    steps: int = 0                              # optimizer steps in all (0: epochs × steps per epoch); the schedule
+                                                # warms up and decays to end on the last one
+    time_budget: str = ""                       # e.g. 45m, 2h, 1h30m: the run's wall time, setup and export
+                                                # included, turned into `steps` once from its first steps' rate
     batch_size: int = 64                        # per process
     optimizer: str = "adamw"                    # adam, adamw, sgd
     lr: float = 1e-3                            # the head's; the backbone's is lr × backbone_lr_scale
     backbone_lr_scale: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 0.01
-    schedule: str = "cosine"                    # cosine (with warmup), onecycle, constant (with warmup)
+    schedule: str = "cosine"                    # cosine or linear decay to zero, constant (each after the warmup), onecycle
     warmup_epochs: float = 1.0
     loss: str = "ce"                            # ce, or ordinal (soft targets that respect the order of counts)
     label_smoothing: float = 0.0                # ce only
@@ -164,7 +168,8 @@ class TrainConfig:
 
 # The TrainConfig keys that have a flag of their own in `bincount train` (the trainer's entry parses them); any
 # other key travels as `--set key=value`. The search space tunes only these.
-TRAIN_FLAGS = ("store", "dataset", "run", "recipe", "arch", "weights", "freeze", "image_size", "epochs", "batch_size", "lr",
+TRAIN_FLAGS = ("store", "dataset", "run", "recipe", "arch", "weights", "freeze", "image_size", "epochs", "steps",
+               "time_budget", "batch_size", "lr",
                "optimizer", "schedule", "weight_decay", "warmup_epochs", "label_smoothing", "precision", "patience",
                "seed", "workers", "cache_dir", "data", "device", "profile")
 

@@ -26,11 +26,15 @@ def parser() -> argparse.ArgumentParser:
                    "torchvision weights name, none, a state-dict file or s3:// URI")
     p.add_argument("--freeze", help="none, backbone, or a stage name to freeze up to (default none)")
     p.add_argument("--image-size", type=int, help="input size in px (default 224)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="at most this many epochs (default 10)")
+    p.add_argument("--steps", type=int, help="optimizer steps in all; the schedule ends on the last (default: "
+                   "epochs × steps per epoch)")
+    p.add_argument("--time-budget", metavar="DURATION", help="train for this long, setup and export included "
+                   "(e.g. 45m, 2h): the first steps' rate turns it into a step count, and the schedule ends there")
     p.add_argument("--batch-size", type=int, help="per process (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 0.001)")
     p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
-    p.add_argument("--schedule", choices=["cosine", "onecycle", "constant"])
+    p.add_argument("--schedule", choices=["cosine", "linear", "onecycle", "constant"])
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--label-smoothing", type=float)

@@ -49,11 +49,11 @@ from bincount.model import zoo
 from bincount.evaluate import predict_log_probs
 from bincount.model.exported import DECODINGS, TTA_MODES, ExportedModel, Inference, Preprocessing, fit_temperature
 from bincount.store import KeyNotFoundError, Store, open_store
-from bincount.train import distributed, features, freeze, losses, presets, report, sampling
+from bincount.train import budget, distributed, features, freeze, losses, presets, report, sampling
 from bincount.train.distributed import Dist
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "onecycle", "constant")
+SCHEDULES = ("cosine", "linear", "onecycle", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MONITORS = ("val_accuracy", "val_balanced_accuracy", "val_loss")
 MINIMIZED = ("val_loss",)                       # the other monitors are maximized
@@ -80,6 +80,8 @@ class RunState:
     bad_epochs: int = 0
     stopped_early: bool = False
     history: list[dict] = field(default_factory=list)
+    steps: int = 0                  # the run's optimizer steps in all, as planned (decided by a time budget)
+    taken: int = 0                  # optimizer steps taken
 
 
 @dataclass
@@ -108,14 +110,15 @@ def model_prefix(run: str) -> str:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    started = time.monotonic()                  # a time budget counts the setup too
     d = distributed.init(cfg.device)
     try:
-        return _train(cfg, d)
+        return _train(cfg, d, started)
     finally:
         distributed.close(d)
 
 
-def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
+def _train(cfg: TrainConfig, d: Dist, started: float) -> TrainResult:
     log = _logger(d)
 
     # ---- setup: everything that can fail on bad input, checked on every rank before any collective
@@ -211,7 +214,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     # ---- recipe
     optimizer = make_optimizer(net, cfg, head_prefix)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accumulate)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    plan = budget.Plan.make(cfg.steps, cfg.epochs, steps_per_epoch, cfg.time_budget, started)
+    scheduler = make_scheduler(optimizer, cfg, plan)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
     ema = make_ema(net, cfg, steps_per_epoch)
     judged = ema.module if ema is not None else net     # the weights validated, kept as best and exported
@@ -226,24 +230,32 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         state = RunState(**ckpt["state"])
+        plan.resume(state.steps, state.taken or state.epoch * steps_per_epoch)
         restore_rng(ckpt["rng"], d, cfg.seed)
-        log(f"resuming run {cfg.run} from {store.url(checkpoint_key(cfg.run))} after epoch {state.epoch}")
+        log(f"resuming run {cfg.run} from {store.url(checkpoint_key(cfg.run))} after epoch {state.epoch}"
+            + (f", to end on step {plan.total}" if plan.budget_s or cfg.steps else ""))
     else:
         seed_everything(cfg.seed + 1 + d.rank)
     resumed_from = state.epoch
     ddp_net = (DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
                if d.world > 1 else net)
 
-    # ---- epochs
-    first_epoch = state.epoch + 1
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        if state.stopped_early:
-            break
+    # ---- epochs, until the plan's last step (a time budget decides it during the first epoch)
+    if plan.budget_s:
+        log(f"time budget {plan.budget_s:.0f} s: the first {budget.WARM_STEPS + budget.TIMED_STEPS} steps decide "
+            f"the run's length (at most {plan.total} steps, {plan.epochs} epoch(s))")
+
+    def decide(x: torch.Tensor) -> None:
+        _decide(plan, net, x, autocast, cfg, d, len(val_set), log)
+
+    first_epoch, epoch = state.epoch + 1, state.epoch
+    while not state.stopped_early and epoch < plan.epochs:
+        epoch += 1
         (train_set if streamed else sampler).set_epoch(epoch)
         timer = report.EpochTimer()
         profiler = _start_profiler(cfg, d) if epoch == first_epoch else None
         train_stats = train_epoch(ddp_net, net, train_loader, optimizer, scheduler, scaler, criterion, prepare,
-                                  autocast, cfg, d, epoch, timer, profiler, ema)
+                                  autocast, cfg, d, epoch, timer, profiler, ema, plan, decide)
         distributed.sync_buffers(d, net)
         val_stats = validate_epoch(judged, val_loader, prepare, autocast, cfg.classes, d)
         record = {k: _round(v) for k, v in {"epoch": epoch, **train_stats, **val_stats,
@@ -254,8 +266,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             state.best, state.best_epoch, state.bad_epochs = record[cfg.monitor], epoch, 0
         else:
             state.bad_epochs += 1
-        state.epoch = epoch
-        state.stopped_early = cfg.patience > 0 and state.bad_epochs >= cfg.patience and epoch < cfg.epochs
+        state.epoch, state.steps, state.taken = epoch, plan.total, plan.taken
+        state.stopped_early = cfg.patience > 0 and state.bad_epochs >= cfg.patience and epoch < plan.epochs
         state.history.append({**record, **timer.stats()})
         rngs = distributed.all_gather(d, rng_state())
         with distributed.phase(d):
@@ -266,7 +278,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if d.main:
             print(metric_line(record), flush=True)
             stats = state.history[-1]
-            log(f"epoch {epoch}/{cfg.epochs}: {stats['epoch_time_s']:.1f} s, "
+            log(f"epoch {epoch}/{plan.epochs}: {stats['epoch_time_s']:.1f} s, "
                 f"{per_rank * d.world / stats['epoch_time_s']:.0f} img/s, "
                 f"data wait {stats['data_wait_share']:.0%}, {stats['step_outliers']} slow step(s)")
             for flag in report.flags(state.history):
@@ -283,7 +295,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if len(set(digests)) > 1:
             raise BincountError(f"DDP replicas diverged: final weights differ between ranks ({digests})")
         if d.main:
-            export(store, cfg, state, net, model, preprocessing, eval_images["val"], cache, d, log)
+            export(store, cfg, state, plan, net, model, preprocessing, eval_images["val"], cache, d, log)
             report.write(store, cfg.run, state.history)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     return TrainResult(cfg.run, store.url(model_prefix(cfg.run)), state.best_epoch,
@@ -293,7 +305,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 def train_epoch(ddp_net: nn.Module, net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 scheduler, scaler: torch.amp.GradScaler, criterion: nn.Module, prepare: Callable,
                 autocast: Callable, cfg: TrainConfig, d: Dist, epoch: int, timer: report.EpochTimer,
-                profiler, ema: AveragedModel | None) -> dict[str, float]:
+                profiler, ema: AveragedModel | None, plan: budget.Plan,
+                decide: Callable[[torch.Tensor], None]) -> dict[str, float]:
     freeze.train_mode(net)
     totals = torch.zeros(3, dtype=torch.float64, device=d.device)    # loss sum, correct, samples
     optimizer.zero_grad(set_to_none=True)
@@ -325,11 +338,16 @@ def train_epoch(ddp_net: nn.Module, net: nn.Module, loader: DataLoader, optimize
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(net)
+            plan.step_taken()
+            if plan.timing_done():
+                decide(x)
         totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                torch.tensor(float(len(y)), dtype=torch.float64, device=d.device)])
         timer.step_done()
         if profiler is not None:
             profiler.step()
+        if step_now and plan.taken >= plan.total:
+            break
     if profiler is not None:
         profiler.stop()
     loss_sum, correct, n = distributed.all_sum(d, totals).tolist()
@@ -362,6 +380,34 @@ def validate_epoch(net: nn.Module, loader: DataLoader, prepare: Callable, autoca
     recalls = [c / s for c, s in zip(correct, support) if s]
     return {"val_loss": loss_sum / n, "val_accuracy": sum(correct) / n,
             "val_balanced_accuracy": sum(recalls) / len(recalls), "val_mae": abs_err / n}
+
+
+def _decide(plan: budget.Plan, net: nn.Module, x: torch.Tensor, autocast: Callable, cfg: TrainConfig, d: Dist,
+            val_images: int, log: Callable[[str], None]) -> None:
+    """Turns the time budget into the run's step count: rank 0 times a validation batch (the training batch at hand,
+    in eval mode) and decides; every rank takes its count, so all stop on the same step."""
+    total = None
+    with distributed.phase(d):
+        if d.main:
+            net.eval()
+            with torch.no_grad(), autocast():
+                net(x)
+                start = time.perf_counter()
+                net(x)
+            eval_s = time.perf_counter() - start
+            freeze.train_mode(net)
+            views = (8 if cfg.tta == "dihedral" else 1) if cfg.tta != "none" or cfg.calibration != "none" else 0
+            total = plan.decide(eval_s, len(x), math.ceil(val_images / d.world), views)
+    total = distributed.broadcast(d, total)
+    plan.total, plan.decided = total, True
+    e = plan.estimate
+    log(f"time budget: {plan.total} steps ({plan.total / plan.steps_per_epoch:.1f} epochs) at {e.get('step_s', 0):.3f} s "
+        f"a step, {e.get('validation_s', 0):.1f} s a validation, {e.get('export_s', 0):.0f} s for the export, after "
+        f"{e.get('setup_and_timing_s', 0):.0f} s of setup and timing; the schedule ends on step {plan.total}")
+    warmup = int(cfg.warmup_epochs * plan.steps_per_epoch)
+    if cfg.schedule != "constant" and plan.total <= warmup:
+        log(f"warning: the budget ends within the warm-up ({plan.total} of {warmup} steps), so the learning rate "
+            "never decays; give more time or a shorter warm-up")
 
 
 def _check_finite(loss: torch.Tensor, d: Dist, run: str, epoch: int, step: int) -> None:
@@ -425,6 +471,16 @@ def validate(cfg: TrainConfig) -> None:
     if isinstance(cfg.class_weights, list) and (len(cfg.class_weights) != len(cfg.classes)
                                                 or min(cfg.class_weights) <= 0):
         problems.append(f"class_weights needs {len(cfg.classes)} positive weights, got {cfg.class_weights}")
+    if cfg.steps < 0:
+        problems.append(f"steps must be 0 (epochs × steps per epoch) or more, got {cfg.steps}")
+    if cfg.time_budget:
+        try:
+            budget.parse_duration(cfg.time_budget)
+        except ConfigError as e:
+            problems.append(str(e))
+        if cfg.schedule == "onecycle":
+            problems.append("a time budget needs a schedule that reads its length as it goes: cosine, linear or "
+                            "constant, not onecycle")
     if problems:
         raise ConfigError("train: " + "; ".join(problems))
 
@@ -467,22 +523,28 @@ def make_optimizer(net: nn.Module, cfg: TrainConfig, head_prefix: str) -> torch.
     return cls(groups, lr=cfg.lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Stepped once per optimizer step; warmup is linear from lr/warmup_steps. One cycle's two phases each keep
-    at least one step (torch divides by their lengths); a run of under 3 steps warms up and anneals by cosine."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = min(total, int(cfg.warmup_epochs * steps_per_epoch))
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, plan: budget.Plan):
+    """Stepped once per optimizer step; warmup is linear from lr/warmup_steps, then cosine or linear decay to zero
+    on the plan's last step. The plan's total is read at every step: a time budget sets it during the first
+    epoch (a budget shorter than the warm-up shortens the warm-up). One cycle's two phases each keep at least one
+    step (torch divides by their lengths); a run of under 3 steps warms up and anneals by cosine."""
+    total = plan.total
+    warmup_steps = int(cfg.warmup_epochs * plan.steps_per_epoch)
+    warmup = min(total, warmup_steps)
     if cfg.schedule == "onecycle" and total >= 3:
         pct = min(max(warmup / total if warmup else 0.3, 1.5 / total), (total - 1) / total)
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=total, pct_start=pct)
 
     def factor(step: int) -> float:
+        total = plan.total
+        warmup = min(total, warmup_steps)
         if step < warmup:
             return (step + 1) / warmup
         if cfg.schedule == "constant":
             return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        done = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1 - done if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * done))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -583,7 +645,7 @@ def save_checkpoint(store: Store, cfg: TrainConfig, net: nn.Module, judged: nn.M
     store.put_text(checkpoint_key(cfg.run, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in state.history))
 
 
-def export(store: Store, cfg: TrainConfig, state: RunState, net: nn.Module, model: nn.Module,
+def export(store: Store, cfg: TrainConfig, state: RunState, plan: budget.Plan, net: nn.Module, model: nn.Module,
            preprocessing: Preprocessing, val_images: Dataset, cache: ImageCache | None, d: Dist,
            log: Callable[[str], None]) -> None:
     """models/<run>/: the whole model with the best epoch's `net` weights, and how to use it. With test-time
@@ -594,7 +656,7 @@ def export(store: Store, cfg: TrainConfig, state: RunState, net: nn.Module, mode
                                    map_location=next(net.parameters()).device, weights_only=True))
     exported = ExportedModel(model, cfg.arch, cfg.classes, preprocessing, Inference(cfg.tta, 1.0, cfg.decode), {
         "best_epoch": state.best_epoch, "metrics": {k: best[k] for k in METRIC_KEYS if k != "epoch"},
-        "epochs": state.epoch, "config": to_dict(cfg)})
+        "epochs": state.epoch, "schedule": plan.record(), "config": to_dict(cfg)})
     if cfg.tta != "none" or cfg.calibration != "none":
         start = time.perf_counter()
         if cache is not None:                               # not filled where features were cached
