@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bincount.audit import audit
+from bincount.audit import audit, flagging
 from bincount.backends import LocalBackend
 from bincount.config import AuditConfig, PrepareConfig, SyntheticConfig, TrainConfig, load_train_config
 from bincount.data.dataset import load_split
@@ -108,12 +108,34 @@ def precision_at(scores: list[float], positive: list[bool], k: int, rng: random.
     return sum(positive[i] for i in order[:k]) / k
 
 
+def flag_rows(scores: dict[str, float], planted: set[str]) -> dict:
+    """What the audit's flagging would do with these p_mismatch values: the error rate it estimates, and for the
+    default precision target and for a review budget of the planted count, how many bins it flags and their
+    expected and actual precision (planted bins as the wrong ones)."""
+    histogram = flagging.Histogram()
+    for m in scores.values():
+        histogram.add(m)
+    rate = flagging.estimate_error_rate(histogram, len(CLASSES))
+    ranked = sorted(scores, key=lambda k: -scores[k])
+    out = {"error_rate": rate}
+    for name, policy in (("target", flagging.Policy(precision=0.5)), ("review", flagging.Policy(review=len(planted)))):
+        flags = flagging.flags(histogram, [scores[k] for k in ranked], policy, rate, len(CLASSES))
+        chosen = ranked[:flags.count]
+        out[f"{name}_flagged"] = flags.count
+        out[f"{name}_expected_precision"] = flags.precision or 0.0
+        out[f"{name}_precision"] = sum(k in planted for k in chosen) / len(chosen) if chosen else 0.0
+    return out
+
+
 def evaluate_set(photos: str, args: argparse.Namespace, root: Path) -> dict:
-    store = root / photos
     start = time.perf_counter()
-    build(store, photos, args.n, 0, args.train)
+    if args.store:
+        store, dataset = Path(args.store), args.dataset
+    else:
+        store, dataset = root / photos, DATASET
+        build(store, photos, args.n, 0, args.train)
     built = time.perf_counter() - start
-    truth = {item.key: item.label for item in load_split(open_store(str(store)), DATASET, "test", CLASSES)}
+    truth = {item.key: item.label for item in load_split(open_store(str(store)), dataset, "test", CLASSES)}
     rows = []
     probabilities: dict[str, dict[str, float]] = {}
     for seed in range(args.seeds):
@@ -126,7 +148,8 @@ def evaluate_set(photos: str, args: argparse.Namespace, root: Path) -> dict:
                 writer.writerow(["key", "expected"])
                 writer.writerows(sorted(expected.items()))
             start = time.perf_counter()
-            audit(AuditConfig(store=str(store), model="quality", dataset=DATASET, split="test", expected=str(path),
+            shutil.rmtree(store / "audits/planted", ignore_errors=True)
+            audit(AuditConfig(store=str(store), model=args.model, dataset=dataset, split="test", expected=str(path),
                               name="planted", precision="fp32"), LocalBackend())
             audited = time.perf_counter() - start
             records = [json.loads(line) for shard in sorted((store / "audits/planted/shards").glob("*.jsonl"))
@@ -149,6 +172,7 @@ def evaluate_set(photos: str, args: argparse.Namespace, root: Path) -> dict:
             "naive_recall": sum(positive[i] for i in flagged) / k,
             "random_auroc": auroc([rng.random() for _ in keys], positive),
             "random_p@k": precision_at([rng.random() for _ in keys], positive, k, rng),
+            **flag_rows(scores, planted),
         })
     accuracy = sum(predicted[k] == truth[k] for k in truth) / len(truth)
     return {"photos": photos, "train": args.train, "bins": len(truth), "planted": round(args.fraction * len(truth)),
@@ -169,6 +193,11 @@ def show(result: dict) -> None:
     for name, prefix in (("p_mismatch", ""), ("naive", "naive_"), ("random", "random_")):
         print(f"  {name:<12} {ms(prefix + 'auroc'):>15} {ms(prefix + 'p@k'):>15}")
     print(f"  naive flag: precision {ms('naive_precision')}, recall {ms('naive_recall')}")
+    print(f"  error rate estimated from the audit: {ms('error_rate')} (planted {result['planted'] / result['bins']:.3f},"
+          " plus the labels' own errors)")
+    for name, title in (("target", "expected precision ≥ 50 % (default)"), ("review", "review the planted count")):
+        print(f"  flagged by {title}: {ms(name + '_flagged')} bins, expected precision "
+              f"{ms(name + '_expected_precision')}, planted among them {ms(name + '_precision')}")
     base_auc = statistics.mean(r["naive_auroc"] for r in rows)
     base_p = statistics.mean(r["naive_p@k"] for r in rows)
     print(f"  ratio p_mismatch / naive: AUROC {statistics.mean(r['auroc'] for r in rows) / base_auc:.2f}x, "
@@ -183,8 +212,12 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=1000, help="synthetic photos")
     parser.add_argument("--train", choices=["probe", "abid"], default="probe",
                         help="probe: a head on frozen features (fast); abid: the abid recipe (fine-tuned)")
+    parser.add_argument("--store", default="", help="audit a model trained already: its store (with --model and "
+                        "--dataset, whose test split is audited; e.g. a fold of benchmarks/real_recipe.py's --work)")
+    parser.add_argument("--model", default="quality", help="with --store: the run name of the model")
+    parser.add_argument("--dataset", default=DATASET, help="with --store: the dataset whose test split is audited")
     args = parser.parse_args()
-    sets = [s for s in args.sets.split(",") if s != "real" or SAMPLE.is_dir()]
+    sets = ["real"] if args.store else [s for s in args.sets.split(",") if s != "real" or SAMPLE.is_dir()]
     with tempfile.TemporaryDirectory(prefix="bincount-audit-quality-") as tmp:
         for photos in sets:
             show(evaluate_set(photos, args, Path(tmp)))

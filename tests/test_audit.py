@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bincount.audit.flagging import Policy, p_wrong
 from bincount.cli import main
 from bincount.config import ServeConfig
 from bincount.model.exported import ExportedModel
@@ -72,6 +73,7 @@ def test_audit_counts_real_photos_as_the_exported_model_does(audited_store, caps
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "audited 51 of 52 bins (1 image(s) unreadable)" in out and out.count("\n") == 1
+    assert "flagged (expected precision ≥ 50 %), expected to hold" in out
     assert ("no usable expected quantity: 1 no EXPECTED_QUANTITY, 1 no metadata, 1 outside the model's classes"
             in out)
     records = {r["key"]: r for r in _records(root, "all")}
@@ -96,9 +98,14 @@ def test_audit_counts_real_photos_as_the_exported_model_does(audited_store, caps
 
     summary = json.loads((root / "audits/all/summary.json").read_text())
     scored = [r for r in records.values() if "p_mismatch" in r]
-    flagged = [r["p_mismatch"] for r in scored if r["p_mismatch"] >= 0.5]
-    assert summary["flagged"] == len(flagged) and summary["with_expected"] == len(scored) == BINS
-    assert summary["expected_precision"] == pytest.approx(sum(flagged) / len(flagged))
+    assert summary["with_expected"] == len(scored) == BINS and summary["policy"] == "expected precision ≥ 50 %"
+    assert summary["error_rate_source"] == "estimated" and 0 < summary["error_rate"] < 1
+    start = summary["flagged_from_p_mismatch"]
+    flagged = [r["p_mismatch"] for r in scored if start is not None and r["p_mismatch"] >= start]
+    assert summary["flagged"] == len(flagged)
+    wrong = [p_wrong(m, summary["error_rate"], 5) for m in flagged]
+    assert summary["expected_wrong_flagged"] == pytest.approx(sum(wrong), abs=0.01 * len(flagged) + 1e-9)
+    assert summary["expected_wrong_all"] == pytest.approx(summary["error_rate"] * BINS)
     assert summary["image_failures"] == {"corrupt": 1}
     assert summary["expected_problems"] == {"no EXPECTED_QUANTITY": 1, "no metadata": 1,
                                             "outside the model's classes": 1}
@@ -147,6 +154,9 @@ def test_keys_stay_strings_and_a_csv_of_expected_quantities_reports_bad_rows(aud
     (["--model", "test"], "exactly one of"),
     (["--model", "test", "--all", "--modified-after", "yesterday"], "not an ISO 8601 time"),
     (["--model", "test", "--ids", "x", "--expected", "missing.csv"], "cannot read expected quantities"),
+    (["--model", "test", "--all", "--review", "-3"], "review must be 0 or more"),
+    (["--model", "test", "--all", "--target-precision", "1.5"], "target precision in (0, 1)"),
+    (["--model", "test", "--all", "--error-rate", "1"], "error_rate in [0, 1)"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(audited_store, args, message, capsys):
     root, _ = audited_store
@@ -275,7 +285,7 @@ def test_the_report_merge_keeps_only_the_top_bins_yet_ranks_and_counts_as_a_full
         if expected is not None:
             record["p_mismatch"] = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0, rng.random()])     # many ties
         records.append(record)
-    tally = Tally(Plan("t", "m", [1, 2, 3, 4, 5], 1, len(records), {}, {}), 0.5, 7)
+    tally = Tally(Plan("t", "m", [1, 2, 3, 4, 5], 1, len(records), {}, {}), Policy(threshold=0.5), 7)
     for record in records:
         tally.add(record)
     scored = [r for r in records if "p_mismatch" in r]
@@ -284,6 +294,7 @@ def test_the_report_merge_keeps_only_the_top_bins_yet_ranks_and_counts_as_a_full
     summary = tally.summary({})
     flagged = [r["p_mismatch"] for r in scored if r["p_mismatch"] >= 0.5]
     assert (summary["bins"], summary["with_expected"], summary["flagged"]) == (5000, len(scored), len(flagged))
-    assert summary["expected_precision"] == pytest.approx(sum(flagged) / len(flagged))
+    wrong = [p_wrong(m, summary["error_rate"], 5) for m in flagged]
+    assert summary["expected_precision"] == pytest.approx(sum(wrong) / len(wrong), abs=1e-3)
     assert summary["image_failures"] == {"corrupt": sum("error" in r for r in records)}
     assert sum(tally.histogram) == len(scored) and tally.histogram[-1] == sum(r["p_mismatch"] >= 39 / 40 for r in scored)

@@ -85,7 +85,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
     cfg = load_config(AuditConfig, args.config, _options(
         args, "store", "model", "name", "dataset", "split", "ids", "all", "after", "modified_after", "expected",
-        "shard_size", "workers", "batch_size", "threads", "device", "precision", "threshold", "top", "timeout", "poll"))
+        "shard_size", "workers", "batch_size", "threads", "device", "precision", "review", "threshold", "target_precision",
+        "error_rate", "top", "timeout", "poll"))
     print(audit(cfg, get_backend(args.backend)).line())
 
 
@@ -391,7 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"],
                    help="default auto: bf16 where fast, as `bincount serve` does")
-    p.add_argument("--threshold", type=float, help="p_mismatch at or above which a bin is flagged (default 0.5)")
+    p.add_argument("--review", type=int, metavar="N", help="flag the N bins most likely wrong (what a team can "
+                   "check); overrides --threshold and --target-precision")
+    p.add_argument("--target-precision", type=float, metavar="P",
+                   help="flag the bins most likely wrong, as many as keep their expected precision at P or above "
+                   "(the default, at 0.5)")
+    p.add_argument("--threshold", type=float, help="flag the bins whose p_mismatch is at or above this")
+    p.add_argument("--error-rate", type=float, help="the share of expected quantities that are wrong (e.g. from "
+                   "the last cycle count); default: estimated from the audit")
     p.add_argument("--top", type=int, help="bins shown with photos in the report (default 50)")
     p.add_argument("--timeout", type=float, help="kubernetes: seconds to follow the Job (default: to the end)")
     p.add_argument("--poll", type=float, help="kubernetes: seconds between status reads (default 10)")

@@ -217,7 +217,10 @@ class AuditConfig:
     device: str = "auto"
     precision: str = "auto"                     # auto (bf16 where the hardware has it, as served), bf16, fp32
     max_pixels: int = 24_000_000
-    threshold: float = 0.5                      # p_mismatch at or above which a bin is flagged
+    review: int = 0                             # flag the N bins most likely wrong; 0: by threshold or precision
+    threshold: float = 0.0                      # flag p_mismatch ≥ this; 0: by precision
+    target_precision: float = 0.5               # flag the most likely wrong bins while their expected precision holds
+    error_rate: float = 0.0                     # share of wrong expected quantities; 0: estimated from the audit
     top: int = 50                               # bins shown with thumbnails in the report
     timeout: float = 0.0                        # kubernetes: seconds to follow the indexed Job; 0: until it ends
     poll: float = 10.0                          # kubernetes: seconds between status reads

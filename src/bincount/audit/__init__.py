@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from bincount.audit.flagging import Policy
 from bincount.audit.plan import make_plan
 from bincount.audit.report import AuditResult, write_report
 from bincount.config import AuditConfig
@@ -20,4 +21,5 @@ def audit(cfg: AuditConfig, backend: Backend) -> AuditResult:
     backend.check_audit(cfg.store, resolve_location(cfg.model, cfg.store))
     plan = make_plan(cfg)
     backend.audit(cfg, plan.name)
-    return write_report(cfg.store, plan.name, cfg.threshold, cfg.top)
+    return write_report(cfg.store, plan.name, Policy.choose(cfg.review, cfg.threshold, cfg.target_precision),
+                        cfg.top, cfg.error_rate)

@@ -123,8 +123,10 @@ def _check(cfg: AuditConfig) -> None:
     for field_name in ("shard_size", "workers", "batch_size", "threads", "top", "max_pixels"):
         if getattr(cfg, field_name) < 1:
             raise ConfigError(f"audit: {field_name} must be at least 1, got {getattr(cfg, field_name)}")
-    if not 0 < cfg.threshold <= 1:
-        raise ConfigError(f"audit: threshold must be in (0, 1], got {cfg.threshold}")
+    if cfg.review < 0 or not 0 <= cfg.threshold <= 1 or not 0 < cfg.target_precision < 1 or not 0 <= cfg.error_rate < 1:
+        raise ConfigError(f"audit: review must be 0 or more, threshold in [0, 1] (0: off), target precision in (0, 1) "
+                          f"and error_rate in [0, 1) (0: estimated), got {cfg.review}, {cfg.threshold}, "
+                          f"{cfg.target_precision} and {cfg.error_rate}")
     bad = [k for k in cfg.ids if not _valid_key(k)]
     if bad:
         raise ConfigError(f"audit: invalid bin id(s): {', '.join(map(repr, bad[:5]))}")

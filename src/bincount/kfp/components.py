@@ -113,12 +113,13 @@ def audit_count(store: str, name: str, backend: str, workers: int) -> str:
 
 
 @component
-def audit_report(store: str, name: str, threshold: float, top: int, report: Output[HTML],
-                 report_markdown: Output[Markdown], summary: Output[Metrics]) -> int:
+def audit_report(store: str, name: str, review: int, threshold: float, target_precision: float, error_rate: float,
+                 top: int, report: Output[HTML], report_markdown: Output[Markdown], summary: Output[Metrics]) -> int:
     """Merges the shards: bins ranked by p_mismatch, totals, per-count agreement; returns the flagged count."""
     from bincount.kfp import stages
 
-    return stages.audit_report(store, name, threshold, top, report, report_markdown, summary)
+    return stages.audit_report(store, name, review, threshold, target_precision, error_rate, top, report,
+                               report_markdown, summary)
 
 
 COMPONENTS = {c.name: c for c in (download, prepare, shard, tune, train, evaluate, deploy, skip_deploy, audit_plan,

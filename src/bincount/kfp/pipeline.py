@@ -156,7 +156,10 @@ def bin_audit(
     shard_size: int = 512,
     workers: int = 4,
     backend: str = "kubernetes",
-    threshold: float = 0.5,
+    review: int = 0,
+    threshold: float = 0.0,
+    target_precision: float = 0.5,
+    error_rate: float = 0.0,
     top: int = 50,
 ) -> AuditOutputs:
     """Count the bins in the store with a trained model and rank them by how likely their expected quantity is
@@ -176,7 +179,10 @@ def bin_audit(
         shard_size: Bins per result shard, the unit of resumption.
         workers: Worker processes (local) or pods of the indexed Job (kubernetes).
         backend: kubernetes (an indexed Job) or local (processes in the step).
-        threshold: p_mismatch at or above which a bin is flagged.
+        review: Flag this many bins, the most likely wrong (0: by threshold or target_precision).
+        threshold: Flag the bins whose p_mismatch is at least this (0: by target_precision).
+        target_precision: Flag the most likely wrong bins, as many as keep their expected precision at this.
+        error_rate: The share of wrong expected quantities (0: estimated from the audit).
         top: Bins shown with their photos in the report.
     """
     planned = _on_cluster(c.audit_plan(store=store, model=model, dataset=dataset, split=split, ids=ids,
@@ -184,7 +190,8 @@ def bin_audit(
                                        expected=expected, name=name, shard_size=shard_size), WORKING)
     counted = _on_cluster(c.audit_count(store=store, name=planned.output, backend=backend, workers=workers),
                           WORKING)
-    reported = _on_cluster(c.audit_report(store=store, name=counted.output, threshold=threshold, top=top), WORKING)
+    reported = _on_cluster(c.audit_report(store=store, name=counted.output, review=review, threshold=threshold,
+                                          target_precision=target_precision, error_rate=error_rate, top=top), WORKING)
     return AuditOutputs(report=reported.outputs["report"], summary=reported.outputs["summary"],
                         flagged=reported.outputs["Output"])
 

@@ -321,17 +321,19 @@ def audit_count(store: str, name: str, backend: str, workers: int) -> str:
 
 
 @stage
-def audit_report(store: str, name: str, threshold: float, top: int, report: Any, report_markdown: Any,
-                 summary: Any) -> int:
+def audit_report(store: str, name: str, review: int, threshold: float, target_precision: float, error_rate: float,
+                 top: int, report: Any, report_markdown: Any, summary: Any) -> int:
     """The shards merged into the report, also as the step's artifacts; returns how many bins were flagged."""
+    from bincount.audit.flagging import Policy
     from bincount.audit.plan import audit_prefix
     from bincount.audit.report import write_report
 
-    result = write_report(store, name, threshold, top)
+    result = write_report(store, name, Policy.choose(review, threshold, target_precision), top, error_rate)
     _fetch(open_store(store), {Path(report.path): f"{audit_prefix(name)}/report.html",
                                Path(report_markdown.path): f"{audit_prefix(name)}/report.md"})
     s = result.summary
-    for key in ("bins", "audited", "with_expected", "flagged", "disagreements", "expected_precision", "agreement"):
+    for key in ("bins", "audited", "with_expected", "flagged", "expected_wrong_flagged", "disagreements",
+                "expected_precision", "error_rate", "agreement"):
         if s[key] is not None:
             summary.log_metric(key, s[key])
     for artifact in (report, report_markdown, summary):
