@@ -1,29 +1,44 @@
-"""The `abid` recipe on real photos: repeated stratified k-fold over the 407-photo ABID sample, against
-resnet18 from scratch and a linear probe on frozen EfficientNet-Lite0 features, with each element of the recipe
-taken away in turn (ablation).
+"""The `abid` recipe on real photos: repeated stratified k-fold over the real-photo pool (the 407-photo ABID
+sample and, where ../shared/data/abid-more is present, its 5,580 more: 5,987 photos), against the recipe as it
+stood before (`abid-2026-12-06`), resnet18 from scratch and a linear probe on frozen EfficientNet-Lite0
+features, with each element of the recipe changed or taken away in turn (ablation).
 
 Every variant trains and evaluates through bincount itself (`bincount.train.loop.train`, then
 `bincount.evaluate.evaluate`) on the same folds: for repeat r, the photos are split into `--folds` stratified
-folds (seed r) of whole bins, as `bincount data prepare` splits (photos that list a product in common are one
-bin before and after a pick, with other counts: split apart, recognising the bin scores its twin's count);
-fold k is the test split, untouched by every choice, and the rest is split again, stratified, into train and
-validation (the validation split picks the best epoch and fits the temperature). Variants that
-differ from the recipe only in how the exported model predicts (no TTA, no calibration, another decoding) are
-not retrained: the recipe's own weights are re-exported with that inference, the temperature refitted on
-validation exactly as training's export does.
+folds (seed r) of whole bins, with prepare's own scan and grouping (photos that list a product in common are one
+bin before and after a pick, with other counts: split apart, recognising the bin scores its twin's count;
+byte-identical photos stay together too); fold k is the test split, untouched by every choice, and the rest is
+split again, stratified, into train and validation (the validation split picks the best epoch and fits the
+temperature). Variants that differ from the recipe only in how the exported model predicts (no TTA, no
+calibration, another decoding) are not retrained: the recipe's own weights are re-exported with that inference,
+the temperature refitted on validation exactly as training's export does. Variants that cost more per photo
+(a larger backbone, a larger input) or less (early blocks frozen) train for proportionally fewer or more steps
+(`speed`, measured on 2 cores), so every variant gets the same training time, as a time budget would give it.
 
-It prints, per variant, the mean ± std over folds of balanced accuracy, MAE, within-one accuracy, accuracy and
-calibration error, the training time per epoch (on this machine), and each variant's difference to the recipe
-on the same folds; `--out` keeps every fold's numbers as JSON.
+It prints, per variant, the mean ± std over folds of balanced accuracy, MAE, within-one accuracy and calibration
+error over all test photos and over the original-size ones only (4,412 of abid-more's photos were published
+stretched to 224 px; users send originals), the training time per epoch (on this machine), and each variant's
+paired difference to `--base` on the same folds (with how many folds it was higher on); `--out` keeps every
+fold's numbers as JSON, and a rerun with the same `--work` and `--out` resumes.
 
-    .venv/bin/python benchmarks/real_recipe.py [--folds 5] [--repeats 3] [--variants abid,resnet18-scratch,...]
+A full training on the pool's folds takes ~45 minutes of 2 cores, so variants are screened on a proxy (all of
+them on 2 folds, a shorter schedule: `--only-folds 2 --set epochs=3 --set tta=none`) and only the finalists
+confirmed at full budget on every fold (`--set steps=N`, N the steps the recipe's time budget gives on the whole
+pool).
+
+    .venv/bin/python benchmarks/real_recipe.py [--pool all|sample] [--folds 5] [--repeats 3]
+        [--variants abid,abid-2026-12-06,...] [--only-folds N] [--set KEY=VALUE ...] [--base abid]
         [--ablation-repeats 1] [--ablation-folds 0] [--split-by bin|photo] [--work DIR] [--out real_recipe.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
+import math
+import os
 import random
 import shutil
 import statistics
@@ -34,22 +49,35 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
 from bincount.config import EvaluateConfig, load_train_config, recipe_settings
 from bincount.data.dataset import BinImages, ImageCache, load_split
-from bincount.data.prepare import Sample, group_same_bin, stratified_split
+from bincount.data.prepare import Sample, group_duplicates, group_same_bin, scan, stratified_split
 from bincount.devices import pick_device
 from bincount.evaluate import evaluate, predict_log_probs
 from bincount.model.exported import ExportedModel, Inference, fit_temperature
+from bincount.metrics import counting
 from bincount.store import open_store
 from bincount.train.loop import train
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abid-sample"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SAMPLE = SHARED / "abid-sample"
+MORE = SHARED / "abid-more"
 CLASSES = (1, 2, 3, 4, 5)
-VAL_SHARE = 0.2
-# name → settings over the abid recipe (trained), or → inference changes of the recipe's model (re-exported)
+# Today's `abid` recipe as it stood before issue #24 (commit ce72e22), pinned so that the packaged recipe can move
+# and still be compared with it on the same folds.
+ABID_2026_12_06 = {"arch": "efficientnet_lite0", "weights": "imagenet", "freeze": "none", "image_size": 224,
+                   "augment": "counting", "epochs": 10, "batch_size": 32, "lr": 0.002, "backbone_lr_scale": 0.3,
+                   "weight_decay": 0.01, "warmup_epochs": 1, "loss": "ordinal", "ordinal_scale": 1.0,
+                   "class_weights": "balanced", "same_bin_rank_weight": 1.0, "monitor": "val_balanced_accuracy",
+                   "tta": "dihedral", "calibration": "temperature", "decode": "argmax"}
+# name → settings over the abid recipe (trained), or → inference changes of the recipe's model (re-exported).
+# `speed` (a variant's training throughput relative to the recipe's, measured on 2 cores) scales its optimizer
+# steps, so that variants that cost more per photo are compared at the same training time, as a budget would.
 TRAINED: dict[str, dict] = {
     "abid": {},
+    "abid-2026-12-06": ABID_2026_12_06,
     "resnet18-scratch": {"recipe": "quickstart", "class_weights": "balanced"},
     "lite0-linear-probe": {"arch": "efficientnet_lite0", "freeze": "backbone", "lr": 0.01, "epochs": 30,
                            "backbone_lr_scale": 1.0},
@@ -57,23 +85,63 @@ TRAINED: dict[str, dict] = {
     "-ordinal loss (ce)": {"loss": "ce"},
     "-class weights": {"class_weights": "none"},
     "-counting augment (flip)": {"augment": "flip"},
+    "stronger augmentation": {"augment": "counting-strong"},
     "-lower backbone lr": {"backbone_lr_scale": 1.0},
     "backbone lr 0.1x": {"backbone_lr_scale": 0.1},
     "ema (half-life 2 epochs)": {"ema_half_life": 2.0},
+    "ema (half-life 0.5 epochs)": {"ema_half_life": 0.5},
     "monitor val_loss": {"monitor": "val_loss"},
     "-same-bin ranking": {"same_bin_rank_weight": 0.0},
     "same-bin ranking (weight 0.3)": {"same_bin_rank_weight": 0.3},
+    "same-bin ranking (weight 1)": {"same_bin_rank_weight": 1.0},
     "same-bin ranking (weight 3)": {"same_bin_rank_weight": 3.0},
+    "linear decay": {"schedule": "linear"},
+    "ordinal scale 0.5": {"ordinal_scale": 0.5},
+    "ce with label smoothing 0.1": {"loss": "ce", "label_smoothing": 0.1},
+    "stochastic depth 0.1": {"drop_path": 0.1},
+    "ordinal scale 2": {"ordinal_scale": 2.0},
     "at 288 px": {"image_size": 288},
-    "frozen to blocks.1 for 15 epochs": {"freeze": "blocks.1", "epochs": 15},
+    "at 256 px (same time)": {"image_size": 256, "speed": 0.77},
+    "lite1 at 240 px (same time)": {"arch": "efficientnet_lite1", "image_size": 240, "speed": 0.64},
+    "lite2 at 260 px (same time)": {"arch": "efficientnet_lite2", "image_size": 260, "speed": 0.45},
+    "frozen to blocks.1 (same time)": {"freeze": "blocks.1", "speed": 1.5},
 }
 DERIVED: dict[str, dict] = {
     "-tta": {"tta": "none"},
     "-calibration": {"calibrate": False},
     "median decode": {"decode": "median"},
 }
-MAIN = ("abid", "resnet18-scratch", "lite0-linear-probe")
+MAIN = ("abid", "abid-2026-12-06", "resnet18-scratch", "lite0-linear-probe")
 METRICS = ("balanced_accuracy", "mae", "within_one_accuracy", "accuracy", "ece")
+
+
+def pool_sources(pool: str) -> list[Path]:
+    return [SAMPLE, MORE] if pool == "all" else [SAMPLE]
+
+
+def originals(pool: str) -> set[str]:
+    """Keys of the photos at their original size (the sample's all; of abid-more those sources.csv marks)."""
+    keys = {p.stem for p in (SAMPLE / "bin-images").glob("*.jpg")}
+    if pool == "all":
+        with open(MORE / "sources.csv", newline="") as f:
+            keys |= {row["key"] for row in csv.DictReader(f) if row["original_size"] == "1"}
+    return keys
+
+
+def link_pool(root: Path, pool: str) -> None:
+    """The pool's photos and metadata under the work store's raw/: hard links where the file system allows (the
+    store refuses symbolic links out of its root), else copies."""
+    for source in pool_sources(pool):
+        for sub in ("bin-images", "metadata"):
+            target = root / "raw" / sub
+            target.mkdir(parents=True, exist_ok=True)
+            for path in (source / sub).iterdir():
+                link = target / path.name
+                if not link.exists():
+                    try:
+                        os.link(path, link)
+                    except OSError:
+                        shutil.copyfile(path, link)
 
 
 def write_fold(store_root: Path, name: str, splits: dict[str, list[Sample]], bin_of: dict[str, str]) -> None:
@@ -86,15 +154,15 @@ def write_fold(store_root: Path, name: str, splits: dict[str, list[Sample]], bin
             + "\n" for s in sorted(samples, key=lambda s: s.key)))
 
 
-def make_folds(store_root: Path, folds: int, repeats: int, by_bin: bool) -> list[str]:
-    """Stratified folds of whole groups, as `bincount data prepare` splits: by bin, the photos sharing a product
-    (one bin before and after a pick) never straddle train, validation and test; by photo, they may."""
-    samples = []
-    for path in sorted((SAMPLE / "metadata").glob("*.json")):
-        meta = json.loads(path.read_text())
-        samples.append(Sample(path.stem, meta["EXPECTED_QUANTITY"], path.stem,
-                              frozenset(meta["BIN_FCSKU_DATA"]) if by_bin else frozenset()))
-    groups = group_same_bin([[s] for s in samples])
+def make_folds(store_root: Path, folds: int, repeats: int, by_bin: bool, val_share: float) -> list[str]:
+    """Stratified folds of whole groups, with prepare's own scan and grouping: byte-identical photos, and by bin
+    the photos sharing a product (one bin before and after a pick), never straddle train, validation and test;
+    by photo, a bin's photos may."""
+    samples, _ = scan(open_store(str(store_root)), 16)
+    if not by_bin:
+        samples = [dataclasses.replace(s, products=frozenset()) for s in samples]
+    duplicates, _ = group_duplicates(samples)
+    groups = group_same_bin(duplicates)
     bin_of = {s.key: g[0].key for g in groups if len(g) > 1 for s in g}
     names = []
     for r in range(repeats):
@@ -102,25 +170,46 @@ def make_folds(store_root: Path, folds: int, repeats: int, by_bin: bool) -> list
         for k in range(folds):
             test = {s.key for s in parts[str(k)]}
             rest = [g for g in groups if g[0].key not in test]
-            fit = stratified_split(rest, [1 - VAL_SHARE, VAL_SHARE], random.Random(1000 + 10 * r + k), ("train", "val"))
+            fit = stratified_split(rest, [1 - val_share, val_share], random.Random(1000 + 10 * r + k),
+                                   ("train", "val"))
             name = f"r{r}k{k}"
             write_fold(store_root, name, {**fit, "test": parts[str(k)]}, bin_of)
             names.append(name)
     return names
 
 
-def run_trained(variant: str, store: str, fold: str, cache: Path, scratch: Path) -> dict:
+def settings(variant: str, common: dict) -> dict:
+    """The variant's TrainConfig values over the recipe, `common` (e.g. a proxy's shorter schedule) applied, its
+    optimizer steps scaled by its relative speed."""
+    values = {"recipe": "abid", **TRAINED[variant], **common}
+    speed = values.pop("speed", 1.0)
+    if speed != 1.0:
+        values["steps_scale"] = speed
+    return values
+
+
+def run_trained(variant: str, store: str, fold: str, cache: Path, scratch: Path, common: dict,
+                original: set[str]) -> dict:
     run = f"{fold}-{variant.strip('-').replace(' ', '_').replace('(', '').replace(')', '')}"
-    cfg = load_train_config(None, {"recipe": "abid", **TRAINED[variant], "store": store, "dataset": fold,
-                                   "run": run, "cache_dir": str(cache), "resume": False})
-    train(cfg)
+    values = settings(variant, common)
+    scale = values.pop("steps_scale", None)
+    base = {"store": store, "dataset": fold, "run": run, "cache_dir": str(cache), "resume": False}
+    if scale is not None:
+        reference = load_train_config(None, {**values, **base})
+        per_epoch = len(load_split(open_store(store), fold, "train", CLASSES)) // reference.batch_size
+        total = reference.steps or reference.epochs * per_epoch
+        values["steps"] = max(1, round(total * scale))
+        values["epochs"] = math.ceil(values["steps"] / per_epoch)
+    train(load_train_config(None, {**values, **base}))
     history = [json.loads(line) for line in open_store(store).get_text(f"checkpoints/{run}/metrics.jsonl").splitlines()]
-    result = _evaluate(store, f"{store}/models/{run}", fold, cache, scratch / run)
+    result = _evaluate(store, f"{store}/models/{run}", fold, cache, scratch / run, original)
     result["epoch_s"] = statistics.fmean(h["epoch_time_s"] for h in history)
+    result["train_s"] = sum(h["epoch_time_s"] for h in history)
     return result
 
 
-def run_derived(variant: str, store: str, fold: str, cache: Path, scratch: Path) -> dict:
+def run_derived(variant: str, store: str, fold: str, cache: Path, scratch: Path, common: dict,
+                original: set[str]) -> dict:
     """The recipe's weights, exported again with other inference settings, as training's export would."""
     source = f"{store}/models/{fold}-abid"
     model = ExportedModel.load(source)
@@ -136,47 +225,68 @@ def run_derived(variant: str, store: str, fold: str, cache: Path, scratch: Path)
     target = scratch / f"{fold}-derived"
     shutil.rmtree(target, ignore_errors=True)
     model.save(open_store(str(target)), "model")
-    return _evaluate(store, str(target / "model"), fold, cache, scratch / "derived-eval")
+    return _evaluate(store, str(target / "model"), fold, cache, scratch / "derived-eval", original)
 
 
-def _evaluate(store: str, model: str, fold: str, cache: Path, out: Path) -> dict:
+def _evaluate(store: str, model: str, fold: str, cache: Path, out: Path, original: set[str]) -> dict:
+    """The test split's metrics, and the same metrics over its original-size photos only (what users send)."""
     metrics = evaluate(EvaluateConfig(store=store, model=model, dataset=fold, split="test", out=str(out),
                                       cache_dir=str(cache), workers=0)).metrics
-    return {m: metrics[m] for m in METRICS}
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["key"] in original]
+    result = {m: metrics[m] for m in METRICS}
+    if kept:
+        counted = counting([r["label"] for r in kept], [r["count"] for r in kept], CLASSES)
+        result.update({f"orig_{m}": counted[m] for m in ("balanced_accuracy", "mae")}, orig_samples=len(kept))
+    return result
 
 
-def table(results: dict[str, dict[str, dict]], base: str = "abid") -> str:
-    lines = [f"{'variant':28s} {'folds':>5s}  {'balanced acc':>14s}  {'MAE':>14s}  {'within one':>14s}  "
-             f"{'accuracy':>14s}  {'ECE':>13s}  {'s/epoch':>7s}  {'Δ bal. acc vs abid':>19s}  {'Δ MAE':>13s}"]
+def table(results: dict[str, dict[str, dict]], base: str) -> str:
+    """Mean ± std over folds per variant, over all test photos and over the original-size ones (orig.), and the
+    paired difference to `base` on the folds both ran."""
+    columns = [("balanced_accuracy", "balanced acc"), ("mae", "MAE"), ("within_one_accuracy", "within one"),
+               ("ece", "ECE"), ("orig_balanced_accuracy", "orig. bal. acc"), ("orig_mae", "orig. MAE")]
+    lines = [f"{'variant':32s} {'folds':>5s}  " + "  ".join(f"{title:>13s}" for _, title in columns)
+             + f"  {'s/epoch':>7s}  {'Δ bal. acc':>19s}  {'Δ orig. bal. acc':>19s}  {'Δ MAE':>19s}"]
     for variant, folds in results.items():
         if not folds:
             continue
 
-        def stat(metric: str, rows: dict = folds) -> str:
-            values = [r[metric] for r in rows.values()]
-            return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
+        def stat(metric: str) -> str:
+            values = [r[metric] for r in folds.values() if metric in r]
+            return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}" if values else "-"
 
         def delta(metric: str) -> str:
-            paired = [folds[f][metric] - results[base][f][metric] for f in folds if f in results.get(base, {})]
+            paired = [folds[f][metric] - results[base][f][metric] for f in folds
+                      if f in results.get(base, {}) and metric in folds[f] and metric in results[base][f]]
             if variant == base or not paired:
                 return ""
-            return f"{statistics.fmean(paired):+.3f} ± {statistics.pstdev(paired):.3f} (n={len(paired)})"
+            higher = sum(d > 0 for d in paired)
+            return f"{statistics.fmean(paired):+.3f} ± {statistics.pstdev(paired):.3f} ({higher}/{len(paired)}↑)"
 
         epoch = [r["epoch_s"] for r in folds.values() if "epoch_s" in r]
-        lines.append(f"{variant:28s} {len(folds):5d}  {stat('balanced_accuracy'):>14s}  {stat('mae'):>14s}  "
-                     f"{stat('within_one_accuracy'):>14s}  {stat('accuracy'):>14s}  {stat('ece'):>13s}  "
-                     f"{statistics.fmean(epoch) if epoch else float('nan'):7.1f}  "
-                     f"{delta('balanced_accuracy'):>19s}  {delta('mae'):>13s}")
+        lines.append(f"{variant:32s} {len(folds):5d}  " + "  ".join(f"{stat(m):>13s}" for m, _ in columns)
+                     + f"  {statistics.fmean(epoch) if epoch else float('nan'):7.1f}  {delta('balanced_accuracy'):>19s}"
+                     f"  {delta('orig_balanced_accuracy'):>19s}  {delta('mae'):>19s}")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pool", choices=("all", "sample"), default="all" if (MORE / "metadata").is_dir() else "sample",
+                        help="all: the sample and abid-more (5,987 photos; default where present); sample: 407")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of the recipe and the two baselines")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the recipe and the baselines")
     parser.add_argument("--ablation-repeats", type=int, default=1, help="repeats of every ablation (the first ones)")
     parser.add_argument("--ablation-folds", type=int, default=0,
                         help="train ablations on the first N folds of a repeat only (paired with the recipe's); 0: all")
+    parser.add_argument("--only-folds", type=int, default=0,
+                        help="run every variant on the first N folds of a repeat only (a proxy's screen); 0: all")
+    parser.add_argument("--val-share", type=float, default=None,
+                        help="validation share of each fold's training photos (default 0.2 of the sample, 0.1 of the pool)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training setting for every variant, e.g. a proxy's epochs=3 (repeatable)")
+    parser.add_argument("--base", default="abid", help="the variant the paired differences are taken to")
     parser.add_argument("--work", default="", help="keep the store, cache and models here, so a rerun resumes")
     parser.add_argument("--variants", default=",".join([*TRAINED, *DERIVED]))
     parser.add_argument("--out", default="real_recipe.json")
@@ -184,8 +294,9 @@ def main() -> int:
     parser.add_argument("--split-by", choices=("bin", "photo"), default="bin",
                         help="keep the photos of one bin in one fold (default), or split photo by photo")
     args = parser.parse_args()
-    if not (SAMPLE / "metadata").is_dir():
-        print(f"the ABID sample is not at {SAMPLE}", file=sys.stderr)
+    missing = [str(p) for p in pool_sources(args.pool) if not (p / "metadata").is_dir()]
+    if missing:
+        print(f"the real photos are not at {', '.join(missing)}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,33 +305,42 @@ def main() -> int:
     if unknown:
         print(f"unknown variant(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    print(f"abid recipe: {recipe_settings('abid')}", file=sys.stderr)
+    common = {}
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            print(f"--set expects KEY=VALUE, got {pair!r}", file=sys.stderr)
+            return 2
+        common[key.strip()] = yaml.safe_load(value)
+    val_share = args.val_share if args.val_share is not None else (0.1 if args.pool == "all" else 0.2)
+    print(f"abid recipe: {recipe_settings('abid')}; for every variant: {common}", file=sys.stderr)
     out = Path(args.out)
     results: dict[str, dict[str, dict]] = json.loads(out.read_text()) if out.is_file() else {}
+    original = originals(args.pool)
     with tempfile.TemporaryDirectory(prefix="bincount-real-recipe-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         root = work / "store"
-        for sub in ("bin-images", "metadata"):
-            if not (root / "raw" / sub).is_dir():
-                shutil.copytree(SAMPLE / sub, root / "raw" / sub)
-        folds = make_folds(root, args.folds, args.repeats, args.split_by == "bin")
-        for fold in folds:
-            repeat, k = int(fold[1:fold.index("k")]), int(fold[fold.index("k") + 1:])
-            for variant in sorted(variants, key=lambda v: v != "abid"):      # derived ones need the recipe first
+        link_pool(root, args.pool)
+        folds = make_folds(root, args.folds, args.repeats, args.split_by == "bin", val_share)
+        for variant in sorted(variants, key=lambda v: v in DERIVED):          # derived ones need the recipe first
+            for fold in folds:
+                repeat, k = int(fold[1:fold.index("k")]), int(fold[fold.index("k") + 1:])
                 main_variant = variant in MAIN or variant in DERIVED
                 if repeat >= (args.repeats if main_variant else args.ablation_repeats):
                     continue
-                if not main_variant and args.ablation_folds and k >= args.ablation_folds:
+                if (not main_variant and args.ablation_folds and k >= args.ablation_folds
+                        or args.only_folds and k >= args.only_folds):
                     continue
                 if fold in results.get(variant, {}):
                     continue
                 start = time.perf_counter()
                 run: Callable = run_trained if variant in TRAINED else run_derived
-                results.setdefault(variant, {})[fold] = run(variant, str(root), fold, work / "cache", work)
+                results.setdefault(variant, {})[fold] = run(variant, str(root), fold, work / "cache", work, common,
+                                                            original)
                 print(f"{fold} {variant}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[variant][fold].items())
                       + f" ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
                 out.write_text(json.dumps(results, indent=1))
-    print(table(results))
+    print(table(results, args.base))
     return 0
 
 
