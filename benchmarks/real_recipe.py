@@ -83,6 +83,7 @@ TRAINED: dict[str, dict] = {
                            "backbone_lr_scale": 1.0},
     "-pretrained": {"weights": "none"},
     "-ordinal loss (ce)": {"loss": "ce"},
+    "corn (head and loss)": {"head": "corn", "loss": "corn"},
     "-class weights": {"class_weights": "none"},
     "-counting augment (flip)": {"augment": "flip"},
     "stronger augmentation": {"augment": "counting-strong"},

@@ -21,6 +21,7 @@ from bincount.data.dataset import BinImages, ImageCache, Item, load_split
 from bincount.evaluate import predict_log_probs
 from bincount.model.exported import (ExportedModel, Inference, Preprocessing, decode, dihedral_views,
                                      fit_temperature)
+from bincount.model import zoo
 from bincount.model.zoo import LITE_MEAN, LITE_STD, build_model
 from bincount.serve.local import start
 from bincount.serve.predictor import BinCountModel
@@ -121,3 +122,20 @@ def test_a_recipe_run_exports_tta_and_calibration_and_serve_answers_as_evaluate(
         assert max(abs(a - b) for a, b in zip(served["probabilities"].values(),
                                               row["probabilities"].values())) <= 1e-5, (served, row)
     shutil.rmtree(out)
+
+
+def test_a_corn_model_exports_its_head_and_loads_to_the_same_answers(store, cache_dir, capsys):
+    code = main(["train", *tiny_args(store, cache_dir, epochs=1, head="corn", loss="corn"), "--run", "corn"])
+    assert code == 0, capsys.readouterr().err
+    model = ExportedModel.load("corn", store)
+    assert model.meta["head"] == "corn" and type(zoo.head(model.net)).__name__ == "CornHead"
+    items = load_split(open_store(store), DATASET, "test", CLASSES)
+    cache = ImageCache(open_store(store), cache_dir, 48)
+    cache.fill([item.key for item in items], 4)
+    photos = BinImages(items, cache, CLASSES)
+    log_probs, _ = predict_log_probs(model.predictor(torch.device("cpu"), "fp32"), photos, 16, 0)
+    images = torch.stack([photos[i][0] for i in range(len(photos))])
+    with torch.no_grad():
+        direct = model.net(model.preprocessing.normalize(images, torch.device("cpu")))
+    assert log_probs.exp().sum(1).tolist() == pytest.approx([1.0] * len(photos), abs=1e-5)
+    assert torch.allclose(log_probs, direct, atol=1e-4)

@@ -303,3 +303,30 @@ def test_same_bin_ranking_wants_the_photo_with_more_items_to_expect_more():
     assert expected_after[1] > 3.0 > expected_after[0]
     none = losses.same_bin_ranking(flat, y, torch.tensor([0, 1]), values)
     assert none.item() == 0 and none.requires_grad
+
+
+def test_corn_head_gives_rank_consistent_counts_and_its_loss_is_corns_binary_tasks():
+    torch.manual_seed(0)
+    head = zoo.CornHead(8, 5)
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        log_p = head(x)
+    assert head.out_features == 4 and log_p.shape == (64, 5)
+    assert log_p.exp().sum(1).tolist() == pytest.approx([1.0] * 64)
+    raw = torch.nn.functional.linear(x, head.weight, head.bias)
+    above = (1 - log_p.exp().cumsum(1))[:, :-1]                       # P(count > k), k = 0..3
+    assert torch.allclose(above, torch.sigmoid(raw).cumprod(1), atol=1e-6)
+    assert bool((above[:, 1:] <= above[:, :-1] + 1e-7).all())         # rank-consistent, whatever the weights
+    y = torch.randint(5, (64,))
+    total, seen = 0.0, 0
+    for k in range(4):
+        chosen = y >= k
+        total += torch.nn.functional.binary_cross_entropy_with_logits(raw[chosen, k], (y[chosen] > k).float(),
+                                                                      reduction="sum")
+        seen += int(chosen.sum())
+    classes = (1, 2, 3, 4, 5)
+    assert losses.CountLoss("corn", classes)(log_p, y).item() == pytest.approx(total.item() / seen, rel=1e-5)
+    # class weights weigh every task a sample takes part in; a softmax head's log-probabilities work as well
+    weighted = losses.CountLoss("corn", classes, weights=torch.tensor([1.0, 1, 1, 1, 3]))(log_p, y)
+    assert weighted.item() != pytest.approx(total.item() / seen)
+    assert torch.isfinite(losses.CountLoss("corn", classes)(torch.randn(8, 5) * 50, y[:8]))

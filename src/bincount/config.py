@@ -119,6 +119,7 @@ class TrainConfig:
     run: str
     recipe: str = ""                            # quickstart, abid, or a YAML file of these keys
     arch: str = "resnet18"                      # torchvision name, efficientnet_lite0/1/2, or timm/<name>
+    head: str = "softmax"                       # softmax (a logit per count), or corn (ordinal: K − 1 conditional)
     weights: str = "DEFAULT"                    # DEFAULT, imagenet, a torchvision weights name, none, a file, s3://
     freeze: str = "none"                        # none, backbone, or a stage name: freeze up to and including it
     classes: tuple[int, ...] = CLASSES

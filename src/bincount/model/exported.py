@@ -129,7 +129,7 @@ class ExportedModel:
         except KeyNotFoundError:
             raise _missing(location) from None
         preprocessing, inference = _read_meta(meta, location)
-        net, _ = build_model(meta["arch"], len(meta["classes"]), "none")
+        net, _ = build_model(meta["arch"], len(meta["classes"]), "none", head_kind=meta.get("head", "softmax"))
         net.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
         return cls(net, meta["arch"], meta["classes"], preprocessing, inference, meta)
 

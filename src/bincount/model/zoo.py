@@ -11,7 +11,8 @@
 Each architecture also says how its input is normalized: the Lite weights expect [-1, 1], torchvision's the
 ImageNet mean and std. The trainer writes it into the exported model, which is what serving reads.
 
-The head is the model's last `nn.Linear`; everything before it is the backbone.
+The head is the model's last `nn.Linear`; everything before it is the backbone. It is a plain linear layer
+(`softmax`: one logit per count) or CORN's (`corn`: K − 1 conditional logits, answered as K log-probabilities).
 """
 
 from __future__ import annotations
@@ -36,6 +37,24 @@ TIMM_PREFIX = "timm/"
 TORCHVISION_UNSUPPORTED = frozenset({"googlenet", "inception_v3", "squeezenet1_0", "squeezenet1_1"})
 WEIGHTS_NONE = "none"
 WEIGHTS_IMAGENET = "imagenet"
+HEADS = ("softmax", "corn")
+
+
+class CornHead(nn.Linear):
+    """CORN's head (Shi, Cao and Raschka, "Deep neural networks for rank-consistent ordinal regression based on
+    conditional probabilities", 2023): K − 1 logits, σ(l_k) = P(count > k | count > k − 1). Their running products
+    are cumulative probabilities that can never cross, whatever the weights, so the counts' order is built in.
+    The forward pass answers the K log-probabilities they imply, so test-time augmentation, temperature and
+    decoding treat it as they treat a softmax head's logits."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__(in_features, num_classes - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x).float()
+        above = nn.functional.logsigmoid(logits).cumsum(1)                     # log P(count > k)
+        reached = torch.cat([torch.zeros_like(above[:, :1]), above[:, :-1]], 1)  # log P(count > k − 1)
+        return torch.cat([reached + nn.functional.logsigmoid(-logits), above[:, -1:]], 1)
 
 
 @dataclass(frozen=True)
@@ -67,19 +86,21 @@ def architectures() -> list[str]:
     return sorted(set(models.list_models(module=models)) - TORCHVISION_UNSUPPORTED) + sorted(LITE)
 
 
-def build_model(arch: str, num_classes: int, weights: str = WEIGHTS_NONE,
-                drop_path: float = 0.0) -> tuple[nn.Module, str]:
+def build_model(arch: str, num_classes: int, weights: str = WEIGHTS_NONE, drop_path: float = 0.0,
+                head_kind: str = "softmax") -> tuple[nn.Module, str]:
     """The model with a fresh `num_classes` head, and an id of its starting weights (for cache keys).
     `drop_path` (timm's stochastic depth, EfficientNet-Lite included: each residual block is skipped in training
     with a probability rising linearly to this at the last) adds no parameters, so weights load either way."""
     kind = family(arch)
+    if head_kind not in HEADS:
+        raise ConfigError(f"unknown head {head_kind!r}; valid: {', '.join(HEADS)}")
     if drop_path and kind == "torchvision":
         raise ConfigError(f"drop_path (stochastic depth) is set up for efficientnet_lite* and timm/ models, not "
                           f"torchvision's {arch}")
     if _is_location(weights):
         model = _bare(arch, kind, drop_path)
         state, weights_id = read_state_dict(weights)
-        _replace_head(model, num_classes)
+        _replace_head(model, num_classes, head_kind)
         _load_state(model, state, weights, arch)
         return model, weights_id
     if weights.lower() == WEIGHTS_NONE:
@@ -96,7 +117,7 @@ def build_model(arch: str, num_classes: int, weights: str = WEIGHTS_NONE,
                           "bincount does not do; pass --weights none or a state-dict file or s3:// URI")
     else:
         model, weights_id = _torchvision_pretrained(arch, weights)
-    _replace_head(model, num_classes)
+    _replace_head(model, num_classes, head_kind)
     return model, weights_id
 
 
@@ -242,6 +263,7 @@ def head(model: nn.Module) -> nn.Linear:
     return model.get_submodule(head_name(model))
 
 
-def _replace_head(model: nn.Module, num_classes: int) -> None:
+def _replace_head(model: nn.Module, num_classes: int, head_kind: str = "softmax") -> None:
     old = head(model)
-    model.set_submodule(head_name(model), nn.Linear(old.in_features, num_classes))
+    new = CornHead(old.in_features, num_classes) if head_kind == "corn" else nn.Linear(old.in_features, num_classes)
+    model.set_submodule(head_name(model), new)

@@ -62,8 +62,8 @@ RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
                "val_mae", "lr")
 # A resume with other values here would silently continue a different model.
-RESUME_KEYS = ("dataset", "arch", "weights", "freeze", "classes", "image_size", "feature_cache", "batch_size",
-               "accumulate", "ema_half_life")
+RESUME_KEYS = ("dataset", "arch", "head", "weights", "freeze", "classes", "image_size", "feature_cache",
+               "batch_size", "accumulate", "ema_half_life")
 
 
 class NonFiniteLossError(BincountError):
@@ -131,7 +131,7 @@ def _train(cfg: TrainConfig, d: Dist, started: float) -> TrainResult:
         criterion = losses.CountLoss(cfg.loss, cfg.classes, cfg.label_smoothing, cfg.ordinal_scale,
                                      class_weights(cfg, splits["train"])).to(d.device)
         seed_everything(cfg.seed)
-        model, weights_id = zoo.build_model(cfg.arch, len(cfg.classes), cfg.weights, cfg.drop_path)
+        model, weights_id = zoo.build_model(cfg.arch, len(cfg.classes), cfg.weights, cfg.drop_path, cfg.head)
         freeze.apply_freeze(model, cfg.freeze)
         preprocessing = Preprocessing(cfg.image_size, *zoo.normalization(cfg.arch))
     if d.device.type == "cuda":
@@ -448,6 +448,7 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(str(e))
     for name, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
                         ("augment", presets.AUGMENTS), ("monitor", MONITORS), ("loss", losses.LOSSES),
+                        ("head", zoo.HEADS),
                         ("tta", TTA_MODES), ("calibration", CALIBRATIONS), ("decode", DECODINGS),
                         ("data", shards.DATA_MODES)):
         if getattr(cfg, name) not in valid:
@@ -656,7 +657,7 @@ def export(store: Store, cfg: TrainConfig, state: RunState, plan: budget.Plan, n
                                    map_location=next(net.parameters()).device, weights_only=True))
     exported = ExportedModel(model, cfg.arch, cfg.classes, preprocessing, Inference(cfg.tta, 1.0, cfg.decode), {
         "best_epoch": state.best_epoch, "metrics": {k: best[k] for k in METRIC_KEYS if k != "epoch"},
-        "epochs": state.epoch, "schedule": plan.record(), "config": to_dict(cfg)})
+        "epochs": state.epoch, "schedule": plan.record(), "head": cfg.head, "config": to_dict(cfg)})
     if cfg.tta != "none" or cfg.calibration != "none":
         start = time.perf_counter()
         if cache is not None:                               # not filled where features were cached
