@@ -56,7 +56,7 @@ from bincount.data.dataset import BinImages, ImageCache, load_split
 from bincount.data.prepare import Sample, group_duplicates, group_same_bin, scan, stratified_split
 from bincount.devices import pick_device
 from bincount.evaluate import evaluate, predict_log_probs
-from bincount.model.exported import ExportedModel, Inference, fit_temperature
+from bincount.model.exported import ExportedModel, Inference, fit_inference
 from bincount.metrics import counting
 from bincount.store import open_store
 from bincount.train.loop import train
@@ -109,7 +109,7 @@ TRAINED: dict[str, dict] = {
 }
 DERIVED: dict[str, dict] = {
     "-tta": {"tta": "none"},
-    "-calibration": {"calibrate": False},
+    "-calibration": {"calibration": "none"},
     "median decode": {"decode": "median"},
 }
 MAIN = ("abid", "abid-2026-12-06", "resnet18-scratch", "lite0-linear-probe")
@@ -211,18 +211,17 @@ def run_trained(variant: str, store: str, fold: str, cache: Path, scratch: Path,
 
 def run_derived(variant: str, store: str, fold: str, cache: Path, scratch: Path, common: dict,
                 original: set[str]) -> dict:
-    """The recipe's weights, exported again with other inference settings, as training's export would."""
-    source = f"{store}/models/{fold}-abid"
-    model = ExportedModel.load(source)
-    change = dict(DERIVED[variant])
-    calibrate = change.pop("calibrate", True)
-    inference = Inference(**{**model.describe()["inference"], "temperature": 1.0, **change})
-    model = model.calibrated(inference)
-    if calibrate:
-        val = BinImages(load_split(open_store(store), fold, "val", CLASSES),
-                        ImageCache(open_store(store), cache, model.preprocessing.size), CLASSES)
-        log_probs, targets = predict_log_probs(model.predictor(pick_device("auto")), val, 64, 0)
-        model = model.calibrated(Inference(inference.tta, fit_temperature(log_probs, targets), inference.decode))
+    """The recipe's weights, exported again with other inference settings, fitted on validation as training's
+    export fits them (`calibration: none` keeps temperature 1)."""
+    model = ExportedModel.load(f"{store}/models/{fold}-abid")
+    settings = {"tta": model.inference.tta, "calibration": "temperature", "decode": model.inference.decode,
+                **DERIVED[variant]}
+    model = model.calibrated(Inference(settings["tta"]))
+    val = BinImages(load_split(open_store(store), fold, "val", CLASSES),
+                    ImageCache(open_store(store), cache, model.preprocessing.size), CLASSES)
+    log_probs, targets = predict_log_probs(model.predictor(pick_device("auto")), val, 64, 0)
+    model = model.calibrated(fit_inference(log_probs, targets, settings["tta"], settings["calibration"],
+                                           settings["decode"]))
     target = scratch / f"{fold}-derived"
     shutil.rmtree(target, ignore_errors=True)
     model.save(open_store(str(target)), "model")

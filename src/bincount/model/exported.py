@@ -88,6 +88,14 @@ def decode(probabilities: torch.Tensor, how: str) -> torch.Tensor:
     return probabilities.argmax(1)
 
 
+def fit_inference(log_probs: torch.Tensor, targets: torch.Tensor, tta: str, calibration: str,
+                  decode_as: str) -> Inference:
+    """The inference an export uses, fitted on the validation split's log-probabilities as the exported model
+    predicts them (with its TTA): the temperature, where calibration is `temperature`."""
+    temperature = fit_temperature(log_probs, targets) if calibration == "temperature" else 1.0
+    return Inference(tta, temperature, decode_as)
+
+
 def fit_temperature(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
     """The temperature that minimizes the negative log-likelihood of `targets`: a log-spaced scan, then a golden
     section around the best point; deterministic and free of an optimizer's step size."""

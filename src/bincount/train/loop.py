@@ -47,7 +47,7 @@ from bincount.data.dataset import BinImages, ImageCache, Item, load_split
 from bincount.errors import BincountError, ConfigError
 from bincount.model import zoo
 from bincount.evaluate import predict_log_probs
-from bincount.model.exported import DECODINGS, TTA_MODES, ExportedModel, Inference, Preprocessing, fit_temperature
+from bincount.model.exported import DECODINGS, TTA_MODES, ExportedModel, Inference, Preprocessing, fit_inference
 from bincount.store import KeyNotFoundError, Store, open_store
 from bincount.train import budget, distributed, features, freeze, losses, presets, report, sampling
 from bincount.train.distributed import Dist
@@ -396,7 +396,7 @@ def _decide(plan: budget.Plan, net: nn.Module, x: torch.Tensor, autocast: Callab
                 net(x)
             eval_s = time.perf_counter() - start
             freeze.train_mode(net)
-            views = (8 if cfg.tta == "dihedral" else 1) if cfg.tta != "none" or cfg.calibration != "none" else 0
+            views = (8 if cfg.tta == "dihedral" else 1) if exports_predictions(cfg) else 0
             total = plan.decide(eval_s, len(x), math.ceil(val_images / d.world), views)
     total = distributed.broadcast(d, total)
     plan.total, plan.decided = total, True
@@ -658,24 +658,29 @@ def export(store: Store, cfg: TrainConfig, state: RunState, plan: budget.Plan, n
     exported = ExportedModel(model, cfg.arch, cfg.classes, preprocessing, Inference(cfg.tta, 1.0, cfg.decode), {
         "best_epoch": state.best_epoch, "metrics": {k: best[k] for k in METRIC_KEYS if k != "epoch"},
         "epochs": state.epoch, "schedule": plan.record(), "head": cfg.head, "config": to_dict(cfg)})
-    if cfg.tta != "none" or cfg.calibration != "none":
+    if exports_predictions(cfg):
         start = time.perf_counter()
         if cache is not None:                               # not filled where features were cached
             cache.fill(val_images.keys, cfg.prefetch_workers)
         log_probs, targets = predict_log_probs(exported.predictor(d.device, cfg.precision), val_images,
                                                cfg.batch_size, cfg.workers)
-        temperature = fit_temperature(log_probs, targets) if cfg.calibration == "temperature" else 1.0
-        exported = exported.calibrated(Inference(cfg.tta, temperature, cfg.decode))
-        probabilities = (log_probs / temperature).softmax(1)
+        inference = fit_inference(log_probs, targets, cfg.tta, cfg.calibration, cfg.decode)
+        exported = exported.calibrated(inference)
+        probabilities = (log_probs / inference.temperature).softmax(1)
         counted = metrics.counting([cfg.classes[t] for t in targets.tolist()], exported.counts(probabilities),
                                    cfg.classes)
         exported.meta["validation"] = {**{k: counted[k] for k in ("accuracy", "balanced_accuracy", "mae",
                                                                   "within_one_accuracy")},
                                        **metrics.calibration(probabilities, targets)}
-        log(f"export: tta {cfg.tta}, temperature {temperature:.3f}, decode {cfg.decode}; validation as exported: "
+        log(f"export: tta {cfg.tta}, temperature {inference.temperature:.3f}, decode {cfg.decode}; validation as exported: "
             + ", ".join(f"{k} {v:.4f}" for k, v in exported.meta["validation"].items())
             + f" ({time.perf_counter() - start:.1f} s)")
     exported.save(store, model_prefix(cfg.run))
+
+
+def exports_predictions(cfg: TrainConfig) -> bool:
+    """Whether the export predicts the validation split: to fit a temperature, or to score TTA."""
+    return cfg.tta != "none" or cfg.calibration != "none"
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
