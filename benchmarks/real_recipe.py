@@ -106,6 +106,7 @@ TRAINED: dict[str, dict] = {
     "lite1 at 240 px (same time)": {"arch": "efficientnet_lite1", "image_size": 240, "speed": 0.64},
     "lite2 at 260 px (same time)": {"arch": "efficientnet_lite2", "image_size": 260, "speed": 0.45},
     "frozen to blocks.1 (same time)": {"freeze": "blocks.1", "speed": 1.5},
+    "frozen to blocks.2 (same time)": {"freeze": "blocks.2", "speed": 2.0},
 }
 DERIVED: dict[str, dict] = {
     "-tta": {"tta": "none"},
