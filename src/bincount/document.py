@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,10 @@ def render_html(blocks: Iterable[Block], figures: dict[str, bytes], title: str) 
                        f"<figcaption>{html.escape(block.caption)} ({html.escape(block.name)})</figcaption></figure>")
     out += ["</body>", "</html>"]
     return "\n".join(out) + "\n"
+
+
+def png(fig: Figure) -> bytes:
+    """A figure's PNG bytes, without the software tag, so a rerun on the same inputs writes the same bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from bincount.config import EdaConfig
 from bincount.data.abid import RejectedPair, image_key, metadata_key, parse_metadata
 from bincount.data.prepare import NAME_RE, SPLITS, dataset_key
-from bincount.document import Block, Heading, Para, Picture, Table, render_html, render_markdown
+from bincount.document import Block, Heading, Para, Picture, Table, png, render_html, render_markdown
 from bincount.errors import BincountError, ConfigError
 from bincount.store import KeyNotFoundError, Store, join, open_store
 
@@ -118,8 +118,8 @@ def build_report(cfg: EdaConfig) -> EdaResult:
     blocks = _document(cfg, store, dataset, facts, warnings)
     prefix = report_prefix(cfg.name)
     written = []
-    for name, png in figures.items():
-        store.put(join(prefix, name), png)
+    for name, data in figures.items():
+        store.put(join(prefix, name), data)
         written.append(join(prefix, name))
     store.put_text(join(prefix, "report.md"), render_markdown(blocks))
     store.put_text(join(prefix, "report.html"), render_html(blocks, figures, f"EDA report: {cfg.name}"))
@@ -303,10 +303,9 @@ def _figures(dataset: Dataset, facts: list[ImageFacts], samples: dict[int, list[
 
 def _png(fig: Figure, photos: bool = False) -> bytes:
     """PNG bytes; a figure of photos is reduced to a 256-colour palette, a third of the size at no visible cost."""
-    buf = io.BytesIO()
     if not photos:
-        fig.savefig(buf, format="png", metadata={"Software": None})
-        return buf.getvalue()
+        return png(fig)
+    buf = io.BytesIO()
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
