@@ -126,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(load_config(ServeConfig, args.config, _options(
         args, "model", "port", "host", "name", "precision", "device", "threads", "max_batch", "max_body_bytes", "max_pixels",
-        "url_hosts", "url_timeout", "url_max_bytes", "url_max_redirects", "unsafe_url_addresses")))
+        "url_hosts", "url_timeout", "url_max_bytes", "url_max_redirects", "unsafe_url_addresses", "version", "canary",
+        "canary_percent", "canary_version", "endpoint", "log_store", "log_batch", "log_flush_s", "log_queue")))
 
 
 def cmd_manifests_render(args: argparse.Namespace) -> None:
@@ -452,6 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url-max-redirects", type=int, help="redirects followed, each one checked (default 3)")
     p.add_argument("--unsafe-allow-url-address", action="append", dest="unsafe_url_addresses", metavar="IP:PORT",
                    help="UNSAFE, for tests only: let fetches reach this private or loopback address")
+    p.add_argument("--version", help="the model version every answer names (default: the run in model.json)")
+    p.add_argument("--canary", metavar="MODEL", help="a second model that answers --canary-percent of the requests")
+    p.add_argument("--canary-percent", type=int, help="1-99: the share of requests the canary answers")
+    p.add_argument("--canary-version", help="the canary's version in answers (default: its run)")
+    p.add_argument("--log-store", help="append every prediction to predictions/ENDPOINT/ in this store (default: "
+                   "no log)")
+    p.add_argument("--endpoint", help="the endpoint the log is kept for (default: --name)")
+    p.add_argument("--log-batch", type=int, help="records per log object (default 500)")
+    p.add_argument("--log-flush-seconds", type=float, dest="log_flush_s",
+                   help="a log object is written at the latest this long after its first record (default 10)")
+    p.add_argument("--log-queue", type=int, help="records waiting for the store before new ones are dropped and "
+                   "counted (default 10000)")
     _add_config(p)
     p.set_defaults(func=cmd_serve)
 
