@@ -655,10 +655,16 @@ class TrainJob:
 @dataclass
 class ServeJob:
     """One deployed model: the predictor's settings (`serve.model` is the model directory or store URI; a cluster
-    needs s3://) and the predictor's size on a cluster, where `serve.name` also names the InferenceService."""
+    needs s3://) and the predictor's size on a cluster, where `serve.name` also names the InferenceService. With
+    `serve.canary` the local server answers with both models; a cluster rolls the canary out as the spec's new
+    revision at canaryTrafficPercent, beside the revision serving now."""
 
     serve: ServeConfig
     resources: ServingResources = field(default_factory=ServingResources)
     workdir: str = ""                           # local: serve.yaml and serve.log; "": a new temporary directory
     timeout: float = 600.0                      # seconds until the predictor must answer ready
     poll: float = 5.0                           # kubernetes: seconds between status reads
+    hold_previous: bool = False                 # kubernetes: the last rolled-out revision keeps all traffic while
+                                                # this spec rolls out (canaryTrafficPercent 0: an instant rollback)
+    logger_url: str = ""                        # kubernetes: KServe's logger posts requests and answers here
+    logger_mode: str = "all"                    # all, request or response

@@ -265,23 +265,36 @@ def _settings(key: str, settings: Mapping[str, str]) -> dict[str, Any]:
     return {key: [{"name": k, "value": str(v)} for k, v in settings.items()]} if settings else {}
 
 
-def inference_service(name: str, storage_uri: str, serving: ServingResources,
-                      cluster: ClusterConfig | None = None) -> dict[str, Any]:
+def inference_service(name: str, storage_uri: str, serving: ServingResources, cluster: ClusterConfig | None = None,
+                      *, version: str = "", canary_percent: int | None = None, log_store: str = "",
+                      logger: dict[str, str] | None = None) -> dict[str, Any]:
     """A custom KServe predictor: our serving image as `kserve-container`. KServe takes a custom container's
     model location from its STORAGE_URI env; the storage initializer fetches it to /mnt/models with the
-    credentials of the ServiceAccount's S3 Secret."""
+    credentials of the ServiceAccount's S3 Secret.
+
+    `version` is the run every answer names. `canary_percent` is KServe's canaryTrafficPercent: this spec's
+    revision gets that share and the last rolled-out one keeps the rest (Knative mode only). With `log_store` the
+    predictor appends its prediction log there, with the S3 Secret as env: Knative sets no fsGroup, so mounted
+    Secret files would not be readable by the non-root user. `logger` is KServe's own request/response logger."""
     cluster = cluster or ClusterConfig()
     if not storage_uri.startswith("s3://"):
         raise ConfigError(f"storage URI {storage_uri!r} must be s3://bucket/path (the model directory)")
     scratch, scratch_mount = scratch_volume()
     health = {"port": SERVING_PORT, "scheme": "HTTP"}
+    args = ["--model", MODEL_DIR, "--host", SERVING_HOST, "--port", str(SERVING_PORT), "--name", name]
+    env = [{"name": "STORAGE_URI", "value": storage_uri}]
+    if version:
+        args += ["--version", version]
+    if log_store:
+        args += ["--log-store", log_store]
+        env += store_env(cluster)
     container = {
         "name": SERVING_CONTAINER,
         "image": serving.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["bincount", "serve"],
-        "args": ["--model", MODEL_DIR, "--host", SERVING_HOST, "--port", str(SERVING_PORT)],
-        "env": [{"name": "STORAGE_URI", "value": storage_uri}],
+        "args": args,
+        "env": env,
         "ports": [{"name": "http1", "containerPort": SERVING_PORT, "protocol": "TCP"}],
         "resources": {"requests": serving.requests(), "limits": serving.limits()},
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", **health}, "periodSeconds": 5},
@@ -290,12 +303,15 @@ def inference_service(name: str, storage_uri: str, serving: ServingResources,
         "securityContext": container_security(standalone=True),
         "volumeMounts": [scratch_mount],
     }
-    predictor = {"serviceAccountName": cluster.serving_service_account,
-                 "automountServiceAccountToken": False,
-                 "minReplicas": serving.min_replicas,
-                 "maxReplicas": serving.max_replicas,
-                 "containers": [container],
-                 "volumes": [scratch]}
+    predictor: dict[str, Any] = {"serviceAccountName": cluster.serving_service_account,
+                                 "automountServiceAccountToken": False,
+                                 "minReplicas": serving.min_replicas,
+                                 "maxReplicas": serving.max_replicas}
+    if canary_percent is not None:
+        predictor["canaryTrafficPercent"] = canary_percent
+    if logger:
+        predictor["logger"] = dict(logger)
+    predictor.update(containers=[container], volumes=[scratch])
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
             "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels("serving")},
             "spec": {"predictor": predictor}}
