@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from pathlib import PurePosixPath
 
 from matplotlib.figure import Figure
 
@@ -23,7 +22,7 @@ from bincount.data.prepare import dataset_key, read_manifest
 from bincount.document import Heading, Para, Picture, Table, png, render_html, render_markdown
 from bincount.errors import BincountError, ConfigError
 from bincount.evaluate import Scored, score
-from bincount.model.exported import ExportedModel
+from bincount.model.exported import ExportedModel, model_version
 from bincount.rollout.stats import Difference, McNemar, mcnemar, paired_differences
 from bincount.store import Store, open_store
 
@@ -80,11 +79,6 @@ class GateResult:
                 f"{self.dataset}: {self.decision}; report: {self.uri}/report.html")
 
 
-def version_name(location: str, meta: dict) -> str:
-    """A model's name in reports and answers: its training run, else its directory's name."""
-    return (meta.get("config") or {}).get("run") or PurePosixPath(location.rstrip("/")).name
-
-
 def judge(rule: GateRule, differences: list[Difference]) -> list[Check]:
     d = {x.metric: x for x in differences}
     level = f"{rule.confidence:.0%}"
@@ -136,7 +130,7 @@ def compare(cfg: CompareConfig) -> GateResult:
     store = open_store(cfg.store)
     champion = ExportedModel.load(cfg.champion, cfg.store)
     challenger = ExportedModel.load(cfg.challenger, cfg.store)
-    names = (version_name(cfg.champion, champion.meta), version_name(cfg.challenger, challenger.meta))
+    names = (model_version(cfg.champion, champion.meta), model_version(cfg.challenger, challenger.meta))
     if names[0] == names[1] and cfg.champion == cfg.challenger:
         raise Refused(f"cannot compare {names[0]} with itself")
     check_comparable(champion, challenger, names, store, cfg.dataset, cfg.split)
