@@ -23,7 +23,7 @@ from bincount import cli
 from bincount.config import TRAINER_IMAGE, ClusterConfig
 from bincount.k8s.resources import S3_CREDENTIALS, store_settings
 from bincount.kfp import stages
-from bincount.kfp.compile import AUDIT_PIPELINE_FILE, COMPONENTS_DIR, PIPELINE_FILE, compiled, drift
+from bincount.kfp.compile import AUDIT_PIPELINE_FILE, COMPONENTS_DIR, MONITOR_PIPELINE_FILE, PIPELINE_FILE, compiled, drift
 from bincount.kfp.components import COMPONENTS
 from bincount.kfp.pipeline import bin_counting
 from bincount.kfp.submit import cron_expression
@@ -31,14 +31,14 @@ from bincount.model.exported import ExportedModel
 from bincount.tune.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("download", "prepare", "shard", "tune", "train", "evaluate", "deploy", "skip-deploy", "audit-plan", "audit-count",
-         "audit-report")
+STEPS = ("download", "prepare", "shard", "tune", "train", "evaluate", "gate", "deploy", "skip-deploy", "monitor",
+         "drift-alert", "audit-plan", "audit-count", "audit-report")
+PIPELINE_FILES = (PIPELINE_FILE, AUDIT_PIPELINE_FILE, MONITOR_PIPELINE_FILE)
 
 
 def test_committed_specs_equal_a_fresh_compile():
     assert drift(REPO) == []
-    assert set(compiled()) == {PIPELINE_FILE, AUDIT_PIPELINE_FILE, *(COMPONENTS_DIR / s.replace("-", "_") / "component.yaml"
-                                                 for s in STEPS)}
+    assert set(compiled()) == {*PIPELINE_FILES, *(COMPONENTS_DIR / s.replace("-", "_") / "component.yaml" for s in STEPS)}
 
 
 def test_a_changed_definition_is_drift(tmp_path):
@@ -79,7 +79,7 @@ def test_every_step_runs_the_configured_trainer_image_without_installing_kfp():
 
 def test_steps_get_the_store_settings_from_the_platform_manifests():
     """Settings by reference on a cluster, so kfp.local never inherits a cluster address."""
-    pipelines = [list(yaml.safe_load_all((REPO / path).read_text())) for path in (PIPELINE_FILE, AUDIT_PIPELINE_FILE)]
+    pipelines = [list(yaml.safe_load_all((REPO / path).read_text())) for path in PIPELINE_FILES]
     executors = {f"{p[0]['pipelineInfo']['name']}:{name}": spec for p in pipelines
                  for name, spec in p[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()}
     assert len(executors) == len(STEPS)
@@ -98,17 +98,31 @@ def test_steps_get_the_store_settings_from_the_platform_manifests():
         "resources"]
 
 
-def test_deploy_is_conditional_on_the_test_accuracy():
+def test_deploy_is_conditional_on_the_gate():
     spec = next(yaml.safe_load_all((REPO / PIPELINE_FILE).read_text()))
-    assert spec["root"]["dag"]["tasks"]["condition-branches-1"]["dependentTasks"] == ["evaluate", "train"]
+    gate = spec["root"]["dag"]["tasks"]["gate"]
+    assert set(gate["dependentTasks"]) == {"evaluate", "prepare", "train"}
+    assert gate["inputs"]["parameters"]["accuracy"]["taskOutputParameter"] == {"outputParameterKey": "Output",
+                                                                               "producerTask": "evaluate"}
+    assert gate["inputs"]["parameters"]["deploy_threshold"] == {"componentInputParameter": "deploy_threshold"}
+    assert spec["root"]["dag"]["tasks"]["condition-branches-1"]["dependentTasks"] == ["gate", "train"]
     tasks = spec["components"]
-    conditions = {name: task["triggerPolicy"]["condition"]
+    conditions = {name: " ".join(task["triggerPolicy"]["condition"].split())
                   for name, task in tasks["comp-condition-branches-1"]["dag"]["tasks"].items()}
     assert conditions == {
-        "condition-2": "inputs.parameter_values['pipelinechannel--evaluate-Output'] >= "
-                       "inputs.parameter_values['pipelinechannel--deploy_threshold']",
-        "condition-3": "!(inputs.parameter_values['pipelinechannel--evaluate-Output'] >= "
-                       "inputs.parameter_values['pipelinechannel--deploy_threshold'])"}
+        "condition-2": "inputs.parameter_values['pipelinechannel--gate-passed'] == true",
+        "condition-3": "!(inputs.parameter_values['pipelinechannel--gate-passed'] == true)"}
+    for name, step in (("condition-2", "deploy"), ("condition-3", "skip-deploy")):
+        inputs = tasks[f"comp-{name}"]["dag"]["tasks"][step]["inputs"]["parameters"]
+        assert inputs["decision"] == {"componentInputParameter": "pipelinechannel--gate-decision"}
+
+
+def test_the_monitor_pipeline_fails_its_run_only_on_drift():
+    spec = next(yaml.safe_load_all((REPO / MONITOR_PIPELINE_FILE).read_text()))
+    (condition,) = spec["components"]["comp-condition-1"]["dag"]["tasks"].values()
+    assert condition["taskInfo"]["name"] == "drift-alert"
+    trigger = spec["root"]["dag"]["tasks"]["condition-1"]["triggerPolicy"]["condition"]
+    assert " ".join(trigger.split()) == "inputs.parameter_values['pipelinechannel--monitor-drifted'] == true"
 
 
 def test_component_files_load_as_kfp_users_load_them():
@@ -141,13 +155,14 @@ def test_run_names_are_dns_labels():
 
 
 @pytest.mark.filterwarnings("ignore:.*non-Python base image")
-def test_skip_deploy_runs_under_kfp_local_and_says_why(tmp_path):
+def test_skip_deploy_and_drift_alert_run_under_kfp_local_and_say_why(tmp_path):
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path))
-    task = COMPONENTS["skip-deploy"](accuracy=0.31, threshold=0.5)
-    assert json.loads(task.output) == {"deployed": False, "test_accuracy": 0.31,
-                                       "reason": "test accuracy 0.3100 is below the deploy threshold 0.5000"}
+    task = COMPONENTS["skip-deploy"](decision="refused by the mae rule: …")
+    assert json.loads(task.output) == {"deployed": False, "reason": "refused by the mae rule: …"}
+    with pytest.raises(RuntimeError, match="drift-alert"):
+        COMPONENTS["drift-alert"](decision="endpoint bincount drifted: brightness PSI 1.2 > 0.25")
 
 
 def _pipeline(tmp: Path, *args: str) -> subprocess.CompletedProcess:
