@@ -14,7 +14,7 @@ from bincount.backends import BACKENDS, get_backend
 from bincount.config import (AuditConfig, CompareConfig, DeployConfig, DownloadConfig, EdaConfig, EvaluateConfig,
                              GateRule, MonitorConfig, PrepareConfig, ServeConfig, ShardConfig, SyntheticConfig, TuneJob,
                              load_config)
-from bincount.errors import BincountError, exit_status
+from bincount.errors import ALERT_EXIT, BincountError, exit_status
 from bincount.train import entry as train_entry
 
 Handler = Callable[[argparse.Namespace], None]
@@ -164,7 +164,7 @@ def cmd_model_compare(args: argparse.Namespace) -> int:
             if getattr(args, name, None) is not None}
     result = compare(dataclasses.replace(cfg, rule=dataclasses.replace(cfg.rule, **rule)))
     print(result.line())
-    return 0 if result.passed else 2
+    return 0 if result.passed else ALERT_EXIT
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:

@@ -30,7 +30,7 @@ from bincount.config import MonitorConfig
 from bincount.data.abid import image_key
 from bincount.data.dataset import load_split
 from bincount.document import Heading, Para, Picture, Table, png, render_html, render_markdown
-from bincount.errors import ConfigError
+from bincount.errors import ALERT_EXIT, ConfigError
 from bincount.evaluate import report_prefix
 from bincount.model.preprocess import ImageError, read_photo
 from bincount.rollout.imagestats import FEATURES, features, measure
@@ -39,7 +39,6 @@ from bincount.rollout.registry import check_endpoint
 from bincount.rollout.stats import binned, psi, quantile_edges
 from bincount.store import KeyNotFoundError, Store, StoreError, open_store
 
-DRIFT_EXIT = 2
 AGE = re.compile(r"^(\d+)([mhd])$")
 AGE_UNITS = {"m": 60, "h": 3600, "d": 86400}
 THRESHOLD_NAMES = (*FEATURES, "count", "confidence", "count_vs_labels")
@@ -90,7 +89,7 @@ class MonitorResult:
 
     @property
     def exit_code(self) -> int:
-        return DRIFT_EXIT if self.drifted else 0
+        return ALERT_EXIT if self.drifted else 0
 
     def summary(self) -> dict:
         return {"endpoint": self.endpoint, "start": _iso(self.start), "end": _iso(self.end), "records": self.records,
