@@ -185,7 +185,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
     result = monitor(load_config(MonitorConfig, args.config, _options(
         args, "store", "endpoint", "reference", "split", "since", "until", "out", "psi_threshold", "min_records",
-        "bins", "workers")))
+        "significance", "bins", "workers")))
     print(result.line())
     return result.exit_code
 
@@ -595,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--psi-threshold", type=float, help="PSI above which a feature drifted (default 0.25; config "
                    "`thresholds` sets one per feature)")
     p.add_argument("--min-records", type=int, help="fewer values than this are not judged (default 100)")
+    p.add_argument("--significance", type=float, help="a PSI that two samples of one distribution reach this often "
+                   "is not drift (default 0.001)")
     p.add_argument("--bins", type=int, help="quantile bins of a continuous feature (default 10)")
     p.add_argument("--workers", type=int, help="threads reading reference photos (default 16)")
     _add_config(p)

@@ -227,7 +227,7 @@ class DeployConfig:
     store: str
     endpoint: str = "bincount"                  # the endpoint: the InferenceService and the model name in its paths
     model: str = ""                             # the run to deploy (models/<run> in the store)
-    canary: int = 0                             # percent of requests for `model` beside the champion; 0: replace it
+    canary: int | None = None                   # percent of requests for `model` beside the champion; None: replace it
     reason: str = ""                            # why, for the history; "": what the command did
     log: bool = True                            # the predictor appends every prediction to predictions/<endpoint>/
     port: int = 0                               # local: 0 keeps the endpoint's port (a free one the first time)
@@ -239,7 +239,8 @@ class DeployConfig:
 @dataclass
 class MonitorConfig:
     """The drift report of an endpoint: its prediction log over a window against a reference split, written to
-    `out`; a population stability index over `thresholds` (default `psi_threshold`) is drift."""
+    `out`; a population stability index over its threshold (`thresholds`, default `psi_threshold`) and over what
+    sampling alone reaches at `significance` is drift."""
 
     store: str
     endpoint: str
@@ -251,6 +252,7 @@ class MonitorConfig:
     psi_threshold: float = 0.25
     thresholds: dict[str, float] = field(default_factory=dict)  # per feature, e.g. {"count": 0.5}
     min_records: int = 100                      # fewer logged (or reference) values: the feature is not judged
+    significance: float = 0.001                 # a PSI that sampling alone reaches this often is not drift
     bins: int = 10                              # quantile bins of a continuous feature
     workers: int = 16                           # threads reading reference photos
 

@@ -4,7 +4,7 @@ what it was built on.
 Inputs: the photos' size, aspect ratio, brightness, contrast and sharpness (`imagestats`), against the same
 statistics of the reference split's photos, measured by the same function at the same input size. Answers: per
 model version, the predicted counts and the confidence (the top probability), against that version's answers on
-held-out photos (its evaluation's predictions.jsonl), where it was evaluated; the predicted counts are also set
+held-out photos (its evaluation's predictions.jsonl), where it was evaluated; all predicted counts are also set
 against the reference split's labels, which a biased model differs from without any drift, so that row is judged
 only when a threshold is configured for it. Each comparison is a population stability index over the reference's
 quantile bins (a count's own classes), with a plot; a PSI over its threshold is drift, and `monitor` exits 2.
@@ -36,7 +36,7 @@ from bincount.model.preprocess import ImageError, read_photo
 from bincount.rollout.imagestats import FEATURES, features, measure
 from bincount.rollout.predlog import LogRead, read_log
 from bincount.rollout.registry import check_endpoint
-from bincount.rollout.stats import binned, psi, quantile_edges
+from bincount.rollout.stats import binned, psi, psi_noise, quantile_edges
 from bincount.store import KeyNotFoundError, Store, StoreError, open_store
 
 AGE = re.compile(r"^(\d+)([mhd])$")
@@ -59,11 +59,13 @@ class Comparison:
     reference_n: int
     psi: float | None = None
     threshold: float | None = None
+    noise: float | None = None                  # the PSI sampling alone reaches at the configured significance
     note: str = ""                              # why it is not judged
 
     @property
     def drifted(self) -> bool:
-        return self.psi is not None and self.threshold is not None and self.psi > self.threshold
+        return (self.psi is not None and self.threshold is not None and self.psi > self.threshold
+                and self.psi > (self.noise or 0))
 
     @property
     def verdict(self) -> str:
@@ -98,7 +100,7 @@ class MonitorResult:
                 "drifted": [c.name for c in self.drifted], "exit_code": self.exit_code}
 
     def line(self) -> str:
-        drift = ", ".join(f"{c.name} (PSI {c.psi:.3f} > {c.threshold:g})" for c in self.drifted)
+        drift = ", ".join(f"{c.name} (PSI {c.psi:.3f} > {max(c.threshold, c.noise):.3g})" for c in self.drifted)
         skipped = len(self.log["skipped"])
         return (f"endpoint {self.endpoint}, {_iso(self.start)} to {_iso(self.end)}: {self.records} prediction(s)"
                 + (f", {skipped} log object(s) skipped as corrupt or partial" if skipped else "")
@@ -135,9 +137,9 @@ def monitor(cfg: MonitorConfig) -> MonitorResult:
     unknown = sorted(set(cfg.thresholds) - set(THRESHOLD_NAMES))
     if unknown:
         raise ConfigError(f"monitor: unknown threshold(s) {', '.join(unknown)}; valid: {', '.join(THRESHOLD_NAMES)}")
-    if cfg.bins < 2 or cfg.min_records < 1:
-        raise ConfigError(f"monitor: bins must be at least 2 and min_records at least 1, got {cfg.bins} and "
-                          f"{cfg.min_records}")
+    if cfg.bins < 2 or cfg.min_records < 1 or not 0 < cfg.significance < 1:
+        raise ConfigError(f"monitor: bins must be at least 2, min_records at least 1 and significance between 0 and "
+                          f"1, got {cfg.bins}, {cfg.min_records} and {cfg.significance}")
     start, end = window(cfg.since, cfg.until)
     store = open_store(cfg.store)
     log = read_log(store, cfg.endpoint, start, end)
@@ -162,18 +164,18 @@ def monitor(cfg: MonitorConfig) -> MonitorResult:
         mine = [r for r in records if r["model_version"] == version]
         counts_by_version[version] = [r["count"] for r in mine]
         held_out[version] = _held_out(store, version)
-        reference_counts, what = ((held_out[version][0], f"{version}'s answers on its held-out photos")
-                                  if held_out[version] else (labels, f"{cfg.split} labels of {cfg.reference}"))
-        result.comparisons.append(_discrete(cfg, f"count {version}", "count", what, counts_by_version[version],
-                                            reference_counts, classes))
         confidences = [max(r["probabilities"].values()) for r in mine]
         if held_out[version]:
-            result.comparisons.append(_continuous(cfg, f"confidence {version}", "confidence",
-                                                  f"{version}'s confidence on its held-out photos", confidences,
-                                                  held_out[version][1]))
+            counts, scores = held_out[version]
+            result.comparisons += [
+                _discrete(cfg, f"count {version}", "count", f"{version}'s answers on its held-out photos",
+                          counts_by_version[version], counts, classes),
+                _continuous(cfg, f"confidence {version}", "confidence",
+                            f"{version}'s confidence on its held-out photos", confidences, scores)]
         else:
-            result.comparisons.append(Comparison(f"confidence {version}", "confidence", "none", len(confidences), 0,
-                                                 note=f"no evaluation of {version} in {report_prefix(version)}/"))
+            missing = f"no evaluation of {version} in {report_prefix(version)}/ to compare with"
+            result.comparisons += [Comparison(f"{name} {version}", name, "none", len(mine), 0, note=missing)
+                                   for name in ("count", "confidence")]
     every_count = [r["count"] for r in records]
     vs_labels = _discrete(cfg, "count vs labels", "count_vs_labels", f"{cfg.split} labels of {cfg.reference}",
                           every_count, labels, classes)
@@ -211,6 +213,7 @@ def _judged(cfg: MonitorConfig, comparison: Comparison, current_counts, referenc
     else:
         comparison.psi = psi(reference_counts, current_counts)
         comparison.threshold = _threshold(cfg, comparison.feature)
+        comparison.noise = psi_noise(len(current_counts), comparison.n, comparison.reference_n, cfg.significance)
     return comparison
 
 
@@ -284,8 +287,9 @@ def _document(cfg: MonitorConfig, r: MonitorResult, reference: dict) -> list:
              f"the {cfg.split} split of {cfg.reference}, {len(reference['rows'])} photo(s) measured"
              + (f" ({reference['failed']} unreadable)" if reference.get("failed") else "")
              + f". PSI over {cfg.bins} quantile bins of the reference (counts: their own classes); drift is a PSI "
-             f"over its threshold (default {cfg.psi_threshold:g}); fewer than {cfg.min_records} values are not "
-             "judged."),
+             f"over its threshold (default {cfg.psi_threshold:g}) and over the noise bound, the PSI that two samples "
+             f"of one distribution of these sizes exceed with probability {cfg.significance:g}; fewer than "
+             f"{cfg.min_records} values are not judged."),
         Para(f"Log: {log['objects']} object(s) read from {log['writers']} writer(s); {len(log['skipped'])} skipped as "
              f"corrupt or partial; the writers counted {log['dropped']} record(s) dropped (queue full or store down) "
              "since they started."),
@@ -294,9 +298,9 @@ def _document(cfg: MonitorConfig, r: MonitorResult, reference: dict) -> list:
         blocks.append(Table(["skipped log object"], [[s] for s in log["skipped"][:20]]))
     blocks += [
         Heading("Comparisons"),
-        Table(["feature", "reference", "logged", "reference n", "PSI", "threshold", "verdict"],
-              [[c.name, c.reference, str(c.n), str(c.reference_n), "-" if c.psi is None else f"{c.psi:.3f}",
-                "-" if c.threshold is None else f"{c.threshold:g}", c.verdict] for c in r.comparisons]),
+        Table(["feature", "reference", "logged", "reference n", "PSI", "threshold", "noise bound", "verdict"],
+              [[c.name, c.reference, str(c.n), str(c.reference_n), _number(c.psi, ".3f"), _number(c.threshold, "g"),
+                _number(c.noise, ".3f"), c.verdict] for c in r.comparisons]),
         Heading("Inputs"),
         *(Picture(f"{name}.png", f"{LABELS[name]}: reference and logged") for name in FEATURES),
         Heading("Answers"),
@@ -306,6 +310,10 @@ def _document(cfg: MonitorConfig, r: MonitorResult, reference: dict) -> list:
                                   "version; dashed: the median on held-out photos"),
     ]
     return blocks
+
+
+def _number(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
 
 
 def _psi_title(label: str, comparison: Comparison) -> str:

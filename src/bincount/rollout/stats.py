@@ -1,5 +1,5 @@
 """The statistics of the rollout: paired differences between two models with bootstrap intervals, McNemar's
-exact test, and the population stability index of the drift report.
+exact test, and the population stability index of the drift report with the level sampling alone reaches.
 
 The bootstrap resamples clusters, not photos: ABID photographs a bin before and after a pick, and two photos of
 one bin are not two independent observations. Each resample draws clusters with replacement; its totals are the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -131,3 +132,14 @@ def psi(reference_counts: Sequence[float], current_counts: Sequence[float]) -> f
     p = np.maximum(np.asarray(reference_counts, float) / max(1, sum(reference_counts)), PSI_FLOOR)
     q = np.maximum(np.asarray(current_counts, float) / max(1, sum(current_counts)), PSI_FLOOR)
     return float(np.sum((q - p) * np.log(q / p)))
+
+
+def psi_noise(bins: int, current: int, reference: int, significance: float) -> float:
+    """The PSI that two samples of one distribution exceed with probability `significance`. To second order the PSI
+    is Pearson's statistic over (1/current + 1/reference), so it is a χ² with bins − 1 degrees of freedom scaled by
+    that sum; the quantile is Wilson and Hilferty's. With a hundred values in ten bins it is about 0.3: a PSI
+    threshold of 0.25 alone would call sampling drift."""
+    k = max(1, bins - 1)
+    z = NormalDist().inv_cdf(1 - significance)
+    quantile = k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
+    return quantile * (1 / current + 1 / reference)
