@@ -28,6 +28,8 @@ from bincount.kfp.components import COMPONENTS
 from bincount.kfp.pipeline import bin_counting
 from bincount.kfp.submit import cron_expression
 from bincount.model.exported import ExportedModel
+from bincount.rollout import registry
+from bincount.store import open_store
 from bincount.tune.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,14 +190,15 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
         run = _only_run_dir(tmp_path / "kfp")
 
         # the console: one line per step and the steps' own output; kfp's whole log in the run's folder
-        assert_terse(done, ["download", "prepare", "shard", "tune", "train", "evaluate", "deploy"], "succeeded")
+        assert_terse(done, ["download", "prepare", "shard", "tune", "train", "evaluate", "gate", "deploy"],
+                     "succeeded")
         assert re.search(r"^  tune \| bincount tune: trial e2e-hpo-000-\w+ started", done.stdout, re.M), done.stdout
         assert re.search(r"^  train \| \S+Z epoch=1 train_loss=", done.stdout, re.M), done.stdout
         assert re.findall(r"^  download \| synthetic: +(\d+)%", done.stdout, re.M) == ["100"], done.stdout
         assert f"  log         {run / 'pipeline.log'}" in summary
         log = (run / "pipeline.log").read_text()
         assert all(f"Executing task \x1b[96m'{step}'" in log for step in ("download", "deploy"))
-        assert log.count("Got executor_input") == 7 and "have no effect in the current local runner" in log
+        assert log.count("Got executor_input") == 8 and "have no effect in the current local runner" in log
         store = tmp_path / "store"
 
         # data: 60 synthetic bins, balanced and split; the manifests in the artifact are the store's
@@ -300,7 +303,63 @@ def test_pipeline_runs_real_photos_from_an_abid_mirror_with_the_abid_recipe(tmp_
     assert len(labels) == 50 and all(abid_mirror.labels[k] == v for k, v in labels.items())
     evaluation = json.loads((store / "reports" / "real" / "evaluation" / "metrics.json").read_text())
     assert evaluation["inference"] == meta["inference"] and evaluation["samples"] == 5
-    assert "not deployed: test accuracy" in done.stdout
+    assert re.search(r"^  gate        refused by the min_accuracy rule: no champion serves endpoint bincount yet, so "
+                     r"real is its first model; test accuracy \d\.\d{4} < the deploy threshold 1\.0100", done.stdout, re.M)
+    assert "\n  not deployed\n" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_worse_challenger_is_stopped_by_the_gate_and_the_champion_keeps_serving(tmp_path):
+    """The champion: a head on a frozen ImageNet backbone, trained 20 epochs and deployed to the endpoint. The
+    pipeline then trains the same recipe for one epoch on the same data; the gate compares the two on the same test
+    photos, refuses the new model, and the champion's server is the one still answering."""
+    env = dict(os.environ, BINCOUNT_CACHE=str(tmp_path / "cache"))
+    store = str(tmp_path / "store")
+    recipe = ["--recipe", "abid", "--freeze", "backbone", "--image-size", "96"]
+
+    def bincount(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "bincount.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    bincount("data", "synthetic", "--n", "300", "--dest", store, "--seed", "0")
+    bincount("data", "prepare", "--store", store, "--name", "quickstart", "--balance", "undersample")
+    bincount("train", "--store", store, "--dataset", "quickstart", "--run", "champ", *recipe, "--epochs", "20")
+    bincount("evaluate", "--store", store, "--model", "champ", "--dataset", "quickstart", "--split", "test", "--out",
+             f"{store}/reports/champ/evaluation")
+    bincount("deploy", "--store", store, "--model", "champ")
+    pid_file = tmp_path / "cache" / "serving" / "bincount" / "serve.pid"
+    champion_pid = int(pid_file.read_text())
+    try:
+        done = _pipeline(tmp_path, "--images", "300", *recipe, "--space", "quickstart.yaml", "--trials", "1",
+                         "--trial-epochs", "1", "--epochs", "1", "--deploy-threshold", "0", "--run-name", "worse")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert_terse(done, ["download", "prepare", "shard", "tune", "train", "evaluate", "gate", "skip-deploy"],
+                     "succeeded")
+        assert not re.search(r"^deploy ", done.stdout, re.M)
+        summary = done.stdout[done.stdout.index("pipeline finished in"):]
+        assert re.search(r"^  gate        refused by the mae rule: challenger MAE − champion MAE is \+\d\.\d{4} ",
+                         summary, re.M), summary
+        assert "\n  not deployed; champion champ keeps serving\n" in summary
+
+        run = _only_run_dir(tmp_path / "kfp")
+        assert "REFUSED" in (run / "gate" / "gate_report").read_text()
+        result = json.loads(open_store(store).get_text("reports/worse/compare-champ/summary.json"))
+        assert not result["passed"] and result["differences"]["mae"]["delta"] > 0
+        record = registry.load(open_store(store), "bincount")
+        assert record.champion.run == "champ" and record.challenger is None
+        assert [(e.action, e.run) for e in record.history] == [("deploy", "champ"), ("refused", "worse")]
+        assert record.history[-1].reason == result["decision"]
+
+        assert int(pid_file.read_text()) == champion_pid and os.kill(champion_pid, 0) is None
+        photo = base64.b64encode((Path(store) / "raw" / "bin-images").glob("*.jpg").__next__().read_bytes())
+        request = urllib.request.Request(f"{record.url}/v1/models/bincount:predict", json.dumps(
+            {"instances": [{"image": {"b64": photo.decode()}}]}).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.headers["X-Model-Version"] == "champ"
+            assert json.loads(response.read())["model_version"] == "champ"
+    finally:
+        os.kill(champion_pid, signal.SIGTERM)
 
 
 def executor_output(run: Path, step: str) -> dict:

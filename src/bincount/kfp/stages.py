@@ -327,7 +327,7 @@ def deploy(model: Any, backend: str, name: str, decision: str, canary_percent: i
     from bincount.rollout.deploy import deploy as step
 
     cfg = DeployConfig(store=model.metadata["store"], endpoint=name, model=model.metadata["run"],
-                       canary=canary_percent, reason=f"pipeline gate {decision}")
+                       canary=canary_percent or None, reason=f"pipeline gate {decision}")
     result = step(cfg, get_backend(backend), backend)
     endpoint = result.endpoint
     record = {"deployed": True, "name": name, "url": endpoint.url, "predict_url": endpoint.predict_url,

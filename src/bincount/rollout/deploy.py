@@ -48,8 +48,8 @@ def deploy(cfg: DeployConfig, backend: Backend, backend_name: str) -> StepResult
     run = cfg.model.strip("/").removeprefix("models/")
     location = resolve_location(run, store.uri)
     read_meta(location)
-    version = Version(run, location, registry.now(), registry.evaluation_metrics(store, run), cfg.canary)
-    if cfg.canary:
+    version = Version(run, location, registry.now(), registry.evaluation_metrics(store, run), cfg.canary or 0)
+    if cfg.canary is not None:
         if not 1 <= cfg.canary <= 99:
             raise ConfigError(f"deploy: --canary is the challenger's share of requests, 1 to 99 percent; got "
                               f"{cfg.canary}")
