@@ -3,9 +3,9 @@ photo, its size and image statistics, the count, the probabilities, the latency)
 JSON-lines objects, `predictions/<endpoint>/<YYYY-MM-DD>/<HHMMSS.ffffff>Z-<writer>-<seq>.jsonl`, off the request
 path.
 
-A request only puts its records on a bounded queue, never waiting: when the queue is full the record is dropped and
-counted. One writer thread batches the records and writes an object once the batch holds `batch` records or its
-first record is `flush_s` old, and on close. A slow or unreachable store therefore costs requests nothing: the
+A request only appends its records to a bounded queue, never waiting: when the queue is full the record is dropped
+and counted. One writer thread batches the records and writes an object once the batch holds `batch` records or its
+first record is `flush_s` old (it looks every quarter second), and on close. A slow or unreachable store therefore costs requests nothing: the
 writer waits on it, the queue fills, records are dropped and counted; a batch the store still refuses after its
 own retries is dropped and counted as well. A killed server loses the records not yet written: at most one batch
 and what waits behind it, which `/metrics` shows as `bincount_prediction_log_pending`.
@@ -19,11 +19,11 @@ from __future__ import annotations
 import functools
 import math
 import os
-import queue
 import re
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -37,7 +37,7 @@ FORMAT = 1
 WARN_EVERY_S = 60.0
 RECORD_FIELDS = {"time": str, "model_version": str, "count": int, "probabilities": dict, "width": int, "height": int,
                  "brightness": float, "contrast": float, "sharpness": float, "input_size": int, "latency_ms": float}
-_STOP = object()
+POLL_S = 0.25                                   # how often the writer looks for a batch that is due
 
 
 def timestamp(t: float) -> str:
@@ -73,9 +73,11 @@ class PredictionLog:
             raise ValueError(f"prediction log: batch ({batch}) and queue ({queue_size}) must be at least 1 and "
                              f"flush_s ({flush_s}) positive")
         self.store, self.endpoint, self.batch, self.flush_s = store, endpoint, batch, flush_s
+        self.queue_size = queue_size
         self.writer = writer_name()
         self._warn = warn
-        self._queue: queue.Queue = queue.Queue(queue_size)
+        self._queue: deque[dict] = deque()
+        self._wake, self._stop = threading.Event(), threading.Event()
         self._lock = threading.Lock()
         self.written = self.dropped = self.objects = 0
         self._batched = 0
@@ -89,23 +91,25 @@ class PredictionLog:
         self._thread.start()
 
     def record(self, record: dict) -> None:
-        """Queues one record; never waits."""
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
+        """Queues one record; never waits. The writer is woken only when a batch is full: waking it for every
+        record would hand the GIL back and forth with the threads answering requests."""
+        if len(self._queue) >= self.queue_size:
             self._drop(1, "the queue is full (the store is slow or down)")
+            return
+        self._queue.append(record)
+        if len(self._queue) >= self.batch:
+            self._wake.set()
 
     def pending(self) -> int:
         """Records queued or batched, not yet written: what a kill now would lose."""
-        return self._queue.qsize() + self._batched
+        with self._lock:
+            return len(self._queue) + self._batched
 
     def close(self, timeout_s: float = 30.0) -> str:
         """Writes what is queued (waiting at most `timeout_s`) and returns the log's account."""
-        try:
-            self._queue.put(_STOP, timeout=timeout_s)
-            self._thread.join(timeout_s)
-        except queue.Full:
-            pass
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
         lost = self.pending()
         if self._thread.is_alive() and lost:
             self._drop(lost, f"the store took over {timeout_s:g} s at shutdown")
@@ -123,25 +127,27 @@ class PredictionLog:
             self._warn(f"prediction log of {self.endpoint}: dropping records, {why} ({self.dropped} dropped so far)")
 
     def _run(self) -> None:
+        """Wakes for a full batch, every POLL_S to see whether a partial batch is due, and to stop."""
         batch: list[dict] = []
         deadline = math.inf
         while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()) if batch else None)
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                if batch:
-                    self._write(batch)
-                return
-            if item is not None:
-                batch.append(item)
-                self._batched = len(batch)
+            self._wake.wait(min(POLL_S, max(0.0, deadline - time.monotonic())))
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            while self._queue:
+                with self._lock:                # a record is always counted by pending(), queued or batched
+                    batch.append(self._queue.popleft())
+                    self._batched = len(batch)
                 if len(batch) == 1:
                     deadline = time.monotonic() + self.flush_s
-            if len(batch) >= self.batch or (batch and time.monotonic() >= deadline):
+                if len(batch) >= self.batch:
+                    self._write(batch)
+                    batch, deadline = [], math.inf
+            if batch and (stopping or time.monotonic() >= deadline):
                 self._write(batch)
                 batch, deadline = [], math.inf
+            if stopping:
+                return
 
     def _write(self, batch: list[dict]) -> None:
         self._seq += 1
@@ -155,8 +161,8 @@ class PredictionLog:
             self._batched = 0
             self._drop(len(batch), f"the store refused a batch: {e}")
             return
-        self._batched = 0
         with self._lock:
+            self._batched = 0
             self.written += len(batch)
             self.objects += 1
         self._written_total.inc(len(batch))
