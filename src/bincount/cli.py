@@ -247,8 +247,9 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> None:
     parser = _pipeline_parser("bincount pipeline submit", f"submit the {pipeline} pipeline to a Kubeflow Pipelines "
                               "server (parameters not given keep the compiled defaults)", None, pipeline)
     parser.add_argument("--pipeline", choices=names, default=names[0],
-                        help="bin_counting (data to endpoint) or bin_audit (count a bucket against its records; with "
-                             "--package: which one the file holds); the parameter flags are the chosen pipeline's")
+                        help="bin_counting (data to endpoint), bin_audit (count a bucket against its records) or "
+                             "bin_monitor (an endpoint's drift report; the run fails on drift); with --package: "
+                             "which one the file holds. The parameter flags are the chosen pipeline's")
     parser.add_argument("--host", required=True, help="the KFP API server, e.g. http://localhost:8080 "
                         "(kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80)")
     parser.add_argument("--package", help="a compiled pipeline YAML (default: compile this version's pipeline)")
