@@ -129,7 +129,7 @@ def main() -> None:
         model = export_model(store)
         server = start("ours", [sys.executable, "-m", "bincount.cli", "serve", "--model", model, "--version",
                                 "bench", "--log-store", str(store), "--log-flush-seconds", "0.5"],
-                       "/v2/health/ready", Path(tmp) / "serve.log")
+                       "/v2/health/ready", Path(tmp) / "serve.log", timeout_s=1800)
         keys = sorted(p.stem for p in (store / "raw" / "bin-images").glob("*.jpg"))
         raw = {k: (store / "raw" / "bin-images" / f"{k}.jpg").read_bytes() for k in keys}
         windows: dict[str, list[tuple[str, str]]] = {name: [] for name in ("fresh", *CHANGES)}

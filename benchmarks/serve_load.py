@@ -155,12 +155,13 @@ class Server:
             self.proc.wait()
 
 
-def start(name: str, cmd: list[str], ready_path: str, log: Path, env: dict[str, str] | None = None) -> Server:
+def start(name: str, cmd: list[str], ready_path: str, log: Path, env: dict[str, str] | None = None,
+          timeout_s: float = 180) -> Server:
     port = free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             sys.exit(f"{name} server exited:\n{log.read_text()[-2000:]}")
