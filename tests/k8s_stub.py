@@ -2,7 +2,7 @@
 
 No control plane can run here, so the launchers (bincount.k8s.launch) talk through the real `kubernetes` client to
 this small HTTP server on 127.0.0.1. It answers only what they use: API discovery, custom-object create / get /
-delete, pod lists and pod logs, with the API server's status codes and Status bodies. Each object's `status` is
+replace / delete, pod lists and pod logs, with the API server's status codes and Status bodies. Each object's `status` is
 scripted by the test (every GET moves to the next one). The resources the tests create are the real builders'
 output; their validity is checked elsewhere against the real CRDs.
 """
@@ -42,6 +42,8 @@ class StubKubeAPI:
         self.logs: dict[str, str] = {}
         self.forbidden = False
         self.created: list[dict[str, Any]] = []
+        self.replaced: list[dict[str, Any]] = []             # PUT bodies: a spec replaced, as `kubectl replace`
+        self.versions = 0                                    # the last resourceVersion handed out
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.stub = self
@@ -115,6 +117,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._route("DELETE")
 
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
     def _send(self, code: int, body: Any, content_type: str = "application/json") -> None:
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.send_response(code)
@@ -156,7 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
         if plural not in self.stub.served.get(f"{group}/{version}", {}):
             return self._not_found()
         if self.stub.forbidden:
-            verb = {"POST": "create", "GET": "get" if name else "list", "DELETE": "delete"}[method]
+            verb = {"POST": "create", "GET": "get" if name else "list", "PUT": "update", "DELETE": "delete"}[method]
             return self._send(403, _status(
                 403, f'{plural}.{group} is forbidden: User "system:serviceaccount:bincount:default" cannot {verb} '
                      f'resource "{plural}" in API group "{group}" in the namespace "{m["ns"]}"', "Forbidden"))
@@ -165,8 +170,23 @@ class _Handler(BaseHTTPRequestHandler):
             if key in self.stub.objects:
                 return self._send(409, _status(409, f'{plural}.{group} "{key[1]}" already exists', "AlreadyExists"))
             self.stub.created.append(json.loads(json.dumps(body)))
-            self.stub.objects[key] = {**body, "metadata": {**body["metadata"], "uid": f"uid-{len(self.stub.created)}"}}
+            self.stub.versions += 1
+            self.stub.objects[key] = {**body, "metadata": {**body["metadata"], "uid": f"uid-{len(self.stub.created)}",
+                                                           "resourceVersion": str(self.stub.versions)}}
             return self._send(201, self.stub.objects[key])
+        if method == "PUT":
+            key = (plural, name)
+            if key not in self.stub.objects:
+                return self._send(404, _status(404, f'{plural}.{group} "{name}" not found', "NotFound"))
+            current = self.stub.objects[key]["metadata"]
+            if body["metadata"].get("resourceVersion") != current["resourceVersion"]:
+                return self._send(409, _status(409, f'Operation cannot be fulfilled on {plural}.{group} "{name}": '
+                                                    "the object has been modified", "Conflict"))
+            self.stub.replaced.append(json.loads(json.dumps(body)))
+            self.stub.versions += 1
+            self.stub.objects[key] = {**body, "metadata": {**body["metadata"], "uid": current["uid"],
+                                                           "resourceVersion": str(self.stub.versions)}}
+            return self._send(200, self.stub.objects[key])
         if name is None:
             wanted = _selector(query.get("labelSelector", ""))
             items = [o for (p, _), o in self.stub.objects.items()

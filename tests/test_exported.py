@@ -74,7 +74,7 @@ def test_the_server_and_evaluate_feed_the_network_the_same_tensor_for_real_photo
     cache.fill(keys, 4)
     images = BinImages([Item(key, 1) for key in keys], cache, CLASSES)
     for i, key in enumerate(keys):
-        served = server._decode(base64.b64encode(store.get(image_key(key))).decode(), "photo")
+        served, _ = server._decode(base64.b64encode(store.get(image_key(key))).decode(), "photo", server.variants[0])
         assert served.shape == (3, 288, 288) and torch.equal(served, images[i][0]), key
     server.stop()
 

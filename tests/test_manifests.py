@@ -34,7 +34,7 @@ DOCKERFILES = [REPO / "images" / "trainer" / "Dockerfile", REPO / "images" / "se
 CLUSTER = ClusterConfig()
 KUSTOMIZATIONS = sorted(rel.rsplit("/", 1)[0] for rel in manifests.render() if rel.endswith("/kustomization.yaml"))
 OVERLAYS = [name for name in manifests.profiles(CLUSTER) if name != "default"]
-STAGES = ("training", "tuning", "serving", "audit")
+STAGES = ("training", "tuning", "serving", "audit", "monitor")
 
 pytestmark = pytest.mark.skipif(not CRDS.is_dir(), reason=f"the shared CRDs are not at {CRDS}")
 
@@ -242,6 +242,37 @@ def test_kserve_and_the_serving_image_run_the_predictor_on_every_interface(kusto
     for args in commands:
         parsed = cli.build_parser().parse_args(["serve", *args])
         assert (parsed.host, parsed.port) == ("0.0.0.0", 8080), args
+
+
+def test_the_nightly_drift_report_fails_its_job_on_drift_and_retries_anything_else(kustomized):
+    """`bincount monitor` exits ALERT_EXIT on drift: that code fails the Job at once (the alert); a crash is
+    retried. Its command is read by the real CLI parser."""
+    from bincount.errors import ALERT_EXIT
+
+    jobs = [o for o in objects(kustomized, "CronJob") if o["metadata"]["name"] == manifests.MONITOR_NAME]
+    assert len(jobs) == 1 + len(OVERLAYS)
+    for cronjob in jobs:
+        job = cronjob["spec"]["jobTemplate"]["spec"]
+        assert cronjob["spec"]["concurrencyPolicy"] == "Forbid" and job["backoffLimit"] >= 1
+        assert job["template"]["spec"]["restartPolicy"] == "Never"      # what a podFailurePolicy needs
+        (rule,) = job["podFailurePolicy"]["rules"]
+        (container,) = job["template"]["spec"]["containers"]
+        assert rule == {"action": "FailJob", "onExitCodes": {"containerName": container["name"], "operator": "In",
+                                                             "values": [ALERT_EXIT]}}
+        parsed = cli.build_parser().parse_args(container["args"])
+        assert (parsed.func, parsed.endpoint, parsed.since, parsed.reference) == (cli.cmd_monitor, "bincount", "1d",
+                                                                                 manifests.DATASET)
+        assert {"AWS_ACCESS_KEY_ID_FILE", "S3_ENDPOINT"} <= {e["name"] for e in container["env"]}
+
+
+def test_the_predictor_logs_its_predictions_to_the_store_it_names(kustomized):
+    for isvc in objects(kustomized, "InferenceService"):
+        (container,) = isvc["spec"]["predictor"]["containers"]
+        parsed = cli.build_parser().parse_args(["serve", *container["args"]])
+        assert (parsed.name, parsed.version, parsed.log_store) == ("bincount", manifests.TRAIN_RUN, CLUSTER.store)
+        env = {e["name"]: e for e in container["env"]}
+        assert env["S3_ENDPOINT"]["value"] == CLUSTER.s3_endpoint
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == CLUSTER.s3_secret
 
 
 def test_images_are_pinned(kustomized):
@@ -454,9 +485,9 @@ def test_checkov_finds_nothing_to_fix(checkov):
 
 def test_every_checkov_skip_is_justified_in_place(checkov):
     skipped = [c for r in checkov for c in r["results"]["skipped_checks"]]
-    # Deliberate skips: no HEALTHCHECK in the batch trainer image (manifests/README.md says why), and the audit
-    # CronJob names bincount's own image by tag (each rendered audit stage: base and two overlays).
-    assert sorted(c["check_id"] for c in skipped) == ["CKV_DOCKER_2"] + ["CKV_K8S_43"] * 3
+    # Deliberate skips: no HEALTHCHECK in the batch trainer image (manifests/README.md says why), and the audit and
+    # monitor CronJobs name bincount's own image by tag (each rendered stage: base and two overlays).
+    assert sorted(c["check_id"] for c in skipped) == ["CKV_DOCKER_2"] + ["CKV_K8S_43"] * 6
     assert [Path(c["file_path"]).parent.name for c in skipped if c["check_id"] == "CKV_DOCKER_2"] == ["trainer"]
     for check in skipped:
         assert len((check.get("check_result") or {}).get("suppress_comment", "").strip()) >= 30, check["check_id"]

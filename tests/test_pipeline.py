@@ -23,22 +23,24 @@ from bincount import cli
 from bincount.config import TRAINER_IMAGE, ClusterConfig
 from bincount.k8s.resources import S3_CREDENTIALS, store_settings
 from bincount.kfp import stages
-from bincount.kfp.compile import AUDIT_PIPELINE_FILE, COMPONENTS_DIR, PIPELINE_FILE, compiled, drift
+from bincount.kfp.compile import AUDIT_PIPELINE_FILE, COMPONENTS_DIR, MONITOR_PIPELINE_FILE, PIPELINE_FILE, compiled, drift
 from bincount.kfp.components import COMPONENTS
 from bincount.kfp.pipeline import bin_counting
 from bincount.kfp.submit import cron_expression
 from bincount.model.exported import ExportedModel
+from bincount.rollout import registry
+from bincount.store import open_store
 from bincount.tune.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("download", "prepare", "shard", "tune", "train", "evaluate", "deploy", "skip-deploy", "audit-plan", "audit-count",
-         "audit-report")
+STEPS = ("download", "prepare", "shard", "tune", "train", "evaluate", "gate", "deploy", "skip-deploy", "monitor",
+         "drift-alert", "audit-plan", "audit-count", "audit-report")
+PIPELINE_FILES = (PIPELINE_FILE, AUDIT_PIPELINE_FILE, MONITOR_PIPELINE_FILE)
 
 
 def test_committed_specs_equal_a_fresh_compile():
     assert drift(REPO) == []
-    assert set(compiled()) == {PIPELINE_FILE, AUDIT_PIPELINE_FILE, *(COMPONENTS_DIR / s.replace("-", "_") / "component.yaml"
-                                                 for s in STEPS)}
+    assert set(compiled()) == {*PIPELINE_FILES, *(COMPONENTS_DIR / s.replace("-", "_") / "component.yaml" for s in STEPS)}
 
 
 def test_a_changed_definition_is_drift(tmp_path):
@@ -79,7 +81,7 @@ def test_every_step_runs_the_configured_trainer_image_without_installing_kfp():
 
 def test_steps_get_the_store_settings_from_the_platform_manifests():
     """Settings by reference on a cluster, so kfp.local never inherits a cluster address."""
-    pipelines = [list(yaml.safe_load_all((REPO / path).read_text())) for path in (PIPELINE_FILE, AUDIT_PIPELINE_FILE)]
+    pipelines = [list(yaml.safe_load_all((REPO / path).read_text())) for path in PIPELINE_FILES]
     executors = {f"{p[0]['pipelineInfo']['name']}:{name}": spec for p in pipelines
                  for name, spec in p[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()}
     assert len(executors) == len(STEPS)
@@ -98,17 +100,31 @@ def test_steps_get_the_store_settings_from_the_platform_manifests():
         "resources"]
 
 
-def test_deploy_is_conditional_on_the_test_accuracy():
+def test_deploy_is_conditional_on_the_gate():
     spec = next(yaml.safe_load_all((REPO / PIPELINE_FILE).read_text()))
-    assert spec["root"]["dag"]["tasks"]["condition-branches-1"]["dependentTasks"] == ["evaluate", "train"]
+    gate = spec["root"]["dag"]["tasks"]["gate"]
+    assert set(gate["dependentTasks"]) == {"evaluate", "prepare", "train"}
+    assert gate["inputs"]["parameters"]["accuracy"]["taskOutputParameter"] == {"outputParameterKey": "Output",
+                                                                               "producerTask": "evaluate"}
+    assert gate["inputs"]["parameters"]["deploy_threshold"] == {"componentInputParameter": "deploy_threshold"}
+    assert spec["root"]["dag"]["tasks"]["condition-branches-1"]["dependentTasks"] == ["gate", "train"]
     tasks = spec["components"]
-    conditions = {name: task["triggerPolicy"]["condition"]
+    conditions = {name: " ".join(task["triggerPolicy"]["condition"].split())
                   for name, task in tasks["comp-condition-branches-1"]["dag"]["tasks"].items()}
     assert conditions == {
-        "condition-2": "inputs.parameter_values['pipelinechannel--evaluate-Output'] >= "
-                       "inputs.parameter_values['pipelinechannel--deploy_threshold']",
-        "condition-3": "!(inputs.parameter_values['pipelinechannel--evaluate-Output'] >= "
-                       "inputs.parameter_values['pipelinechannel--deploy_threshold'])"}
+        "condition-2": "inputs.parameter_values['pipelinechannel--gate-passed'] == true",
+        "condition-3": "!(inputs.parameter_values['pipelinechannel--gate-passed'] == true)"}
+    for name, step in (("condition-2", "deploy"), ("condition-3", "skip-deploy")):
+        inputs = tasks[f"comp-{name}"]["dag"]["tasks"][step]["inputs"]["parameters"]
+        assert inputs["decision"] == {"componentInputParameter": "pipelinechannel--gate-decision"}
+
+
+def test_the_monitor_pipeline_fails_its_run_only_on_drift():
+    spec = next(yaml.safe_load_all((REPO / MONITOR_PIPELINE_FILE).read_text()))
+    (condition,) = spec["components"]["comp-condition-1"]["dag"]["tasks"].values()
+    assert condition["taskInfo"]["name"] == "drift-alert"
+    trigger = spec["root"]["dag"]["tasks"]["condition-1"]["triggerPolicy"]["condition"]
+    assert " ".join(trigger.split()) == "inputs.parameter_values['pipelinechannel--monitor-drifted'] == true"
 
 
 def test_component_files_load_as_kfp_users_load_them():
@@ -141,13 +157,14 @@ def test_run_names_are_dns_labels():
 
 
 @pytest.mark.filterwarnings("ignore:.*non-Python base image")
-def test_skip_deploy_runs_under_kfp_local_and_says_why(tmp_path):
+def test_skip_deploy_and_drift_alert_run_under_kfp_local_and_say_why(tmp_path):
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path))
-    task = COMPONENTS["skip-deploy"](accuracy=0.31, threshold=0.5)
-    assert json.loads(task.output) == {"deployed": False, "test_accuracy": 0.31,
-                                       "reason": "test accuracy 0.3100 is below the deploy threshold 0.5000"}
+    task = COMPONENTS["skip-deploy"](decision="refused by the mae rule: …")
+    assert json.loads(task.output) == {"deployed": False, "reason": "refused by the mae rule: …"}
+    with pytest.raises(RuntimeError, match="drift-alert"):
+        COMPONENTS["drift-alert"](decision="endpoint bincount drifted: brightness PSI 1.2 > 0.25")
 
 
 def _pipeline(tmp: Path, *args: str) -> subprocess.CompletedProcess:
@@ -173,14 +190,15 @@ def test_pipeline_run_end_to_end_deploys_a_model_that_answers(tmp_path):
         run = _only_run_dir(tmp_path / "kfp")
 
         # the console: one line per step and the steps' own output; kfp's whole log in the run's folder
-        assert_terse(done, ["download", "prepare", "shard", "tune", "train", "evaluate", "deploy"], "succeeded")
+        assert_terse(done, ["download", "prepare", "shard", "tune", "train", "evaluate", "gate", "deploy"],
+                     "succeeded")
         assert re.search(r"^  tune \| bincount tune: trial e2e-hpo-000-\w+ started", done.stdout, re.M), done.stdout
         assert re.search(r"^  train \| \S+Z epoch=1 train_loss=", done.stdout, re.M), done.stdout
         assert re.findall(r"^  download \| synthetic: +(\d+)%", done.stdout, re.M) == ["100"], done.stdout
         assert f"  log         {run / 'pipeline.log'}" in summary
         log = (run / "pipeline.log").read_text()
         assert all(f"Executing task \x1b[96m'{step}'" in log for step in ("download", "deploy"))
-        assert log.count("Got executor_input") == 7 and "have no effect in the current local runner" in log
+        assert log.count("Got executor_input") == 8 and "have no effect in the current local runner" in log
         store = tmp_path / "store"
 
         # data: 60 synthetic bins, balanced and split; the manifests in the artifact are the store's
@@ -285,7 +303,63 @@ def test_pipeline_runs_real_photos_from_an_abid_mirror_with_the_abid_recipe(tmp_
     assert len(labels) == 50 and all(abid_mirror.labels[k] == v for k, v in labels.items())
     evaluation = json.loads((store / "reports" / "real" / "evaluation" / "metrics.json").read_text())
     assert evaluation["inference"] == meta["inference"] and evaluation["samples"] == 5
-    assert "not deployed: test accuracy" in done.stdout
+    assert re.search(r"^  gate        refused by the min_accuracy rule: no champion serves endpoint bincount yet, so "
+                     r"real is its first model; test accuracy \d\.\d{4} < the deploy threshold 1\.0100", done.stdout, re.M)
+    assert "\n  not deployed\n" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_worse_challenger_is_stopped_by_the_gate_and_the_champion_keeps_serving(tmp_path):
+    """The champion: a head on a frozen ImageNet backbone, trained 20 epochs and deployed to the endpoint. The
+    pipeline then trains the same recipe for one epoch on the same data; the gate compares the two on the same test
+    photos, refuses the new model, and the champion's server is the one still answering."""
+    env = dict(os.environ, BINCOUNT_CACHE=str(tmp_path / "cache"))
+    store = str(tmp_path / "store")
+    recipe = ["--recipe", "abid", "--freeze", "backbone", "--image-size", "96"]
+
+    def bincount(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "bincount.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    bincount("data", "synthetic", "--n", "300", "--dest", store, "--seed", "0")
+    bincount("data", "prepare", "--store", store, "--name", "quickstart", "--balance", "undersample")
+    bincount("train", "--store", store, "--dataset", "quickstart", "--run", "champ", *recipe, "--epochs", "20")
+    bincount("evaluate", "--store", store, "--model", "champ", "--dataset", "quickstart", "--split", "test", "--out",
+             f"{store}/reports/champ/evaluation")
+    bincount("deploy", "--store", store, "--model", "champ")
+    pid_file = tmp_path / "cache" / "serving" / "bincount" / "serve.pid"
+    champion_pid = int(pid_file.read_text())
+    try:
+        done = _pipeline(tmp_path, "--images", "300", *recipe, "--space", "quickstart.yaml", "--trials", "1",
+                         "--trial-epochs", "1", "--epochs", "1", "--deploy-threshold", "0", "--run-name", "worse")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert_terse(done, ["download", "prepare", "shard", "tune", "train", "evaluate", "gate", "skip-deploy"],
+                     "succeeded")
+        assert not re.search(r"^deploy ", done.stdout, re.M)
+        summary = done.stdout[done.stdout.index("pipeline finished in"):]
+        assert re.search(r"^  gate        refused by the mae rule: challenger MAE − champion MAE is \+\d\.\d{4} ",
+                         summary, re.M), summary
+        assert "\n  not deployed; champion champ keeps serving\n" in summary
+
+        run = _only_run_dir(tmp_path / "kfp")
+        assert "REFUSED" in (run / "gate" / "gate_report").read_text()
+        result = json.loads(open_store(store).get_text("reports/worse/compare-champ/summary.json"))
+        assert not result["passed"] and result["differences"]["mae"]["delta"] > 0
+        record = registry.load(open_store(store), "bincount")
+        assert record.champion.run == "champ" and record.challenger is None
+        assert [(e.action, e.run) for e in record.history] == [("deploy", "champ"), ("refused", "worse")]
+        assert record.history[-1].reason == result["decision"]
+
+        assert int(pid_file.read_text()) == champion_pid and os.kill(champion_pid, 0) is None
+        photo = base64.b64encode((Path(store) / "raw" / "bin-images").glob("*.jpg").__next__().read_bytes())
+        request = urllib.request.Request(f"{record.url}/v1/models/bincount:predict", json.dumps(
+            {"instances": [{"image": {"b64": photo.decode()}}]}).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.headers["X-Model-Version"] == "champ"
+            assert json.loads(response.read())["model_version"] == "champ"
+    finally:
+        os.kill(champion_pid, signal.SIGTERM)
 
 
 def executor_output(run: Path, step: str) -> dict:

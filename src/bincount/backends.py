@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from bincount.tune.results import TuneResult
 
 STDERR_TAIL = 20
+STANDARD_MODES = ("Standard", "RawDeployment")  # KServe's raw Deployment mode, by its names new and old
+DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+LOGGER_MODES = ("all", "request", "response")
 TRAINER_ERROR = "bincount: error:"             # how the trainer's CLI reports a BincountError on stderr
 
 
@@ -190,18 +193,50 @@ class KubernetesBackend:
         run_job(cfg, plan, self.cluster, self.config, self.audit_resources)
 
     def serve(self, job: ServeJob) -> Endpoint:
+        """The InferenceService created, or its spec replaced; a canary becomes the spec at canaryTrafficPercent
+        and KServe keeps the last rolled-out revision for the rest of the requests."""
         from bincount.k8s.launch import INFERENCE_SERVICE
         from bincount.k8s.resources import inference_service
 
-        name = job.serve.name
-        body = inference_service(name, job.serve.model, job.resources, self.config)
-        final = self.cluster.run(body, timeout=job.timeout, poll=job.poll, progress=_say)
+        serve, name = job.serve, job.serve.name
+        model, version = (serve.canary, serve.canary_version) if serve.canary else (serve.model, serve.version)
+        percent = serve.canary_percent if serve.canary else (0 if job.hold_previous else None)
+        if percent is not None and self._standard_mode(name, bool(serve.canary)):
+            percent = None                      # a rollback in Standard mode: a rolling update back
+        if job.logger_url and job.logger_mode not in LOGGER_MODES:
+            raise ConfigError(f"logger mode {job.logger_mode!r} is not one of {', '.join(LOGGER_MODES)}")
+        logger = {"url": job.logger_url, "mode": job.logger_mode} if job.logger_url else None
+        body = inference_service(name, model, job.resources, self.config, version=version, canary_percent=percent,
+                                 log_store=serve.log_store, logger=logger)
+        self.cluster.apply(body)
+        final = self.cluster.wait(INFERENCE_SERVICE, name, timeout=job.timeout, poll=job.poll, progress=_say)
         url = (final.get("status") or {}).get("url")
         if not url:
             raise BincountError(f"InferenceService {name} is ready but reports no status.url")
         return Endpoint(url, f"{url}/v1/models/{name}:predict",
                         f"kubectl delete inferenceservice {name} -n {self.config.namespace}",
                         lambda: self.cluster.delete(INFERENCE_SERVICE, name))
+
+    def _standard_mode(self, name: str, canary: bool) -> bool:
+        """Whether KServe runs the InferenceService in Standard (raw) mode, where there is no traffic split: a
+        canary is refused there, in one line."""
+        from bincount.k8s.launch import INFERENCE_SERVICE, NotFound
+
+        try:
+            current = self.cluster.get(INFERENCE_SERVICE, name)
+        except NotFound:
+            if canary:
+                raise ConfigError(f"InferenceService {name} does not exist in namespace {self.config.namespace}: a "
+                                  "canary splits traffic with the revision serving now; deploy without --canary "
+                                  "first") from None
+            return False
+        mode = ((current.get("status") or {}).get("deploymentMode")
+                or (current["metadata"].get("annotations") or {}).get(DEPLOYMENT_MODE_ANNOTATION, ""))
+        if mode in STANDARD_MODES and canary:
+            raise ConfigError(f"InferenceService {name} runs in KServe's {mode} (raw) mode, which rolls out by "
+                              "replacing pods and cannot split traffic: canaryTrafficPercent needs Serverless "
+                              "(Knative) mode; deploy without --canary, or run the endpoint in Serverless mode")
+        return mode in STANDARD_MODES
 
 
 def _needs_s3(store: str, what: str) -> None:

@@ -11,9 +11,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bincount.backends import BACKENDS, get_backend
-from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig, ShardConfig,
-                             SyntheticConfig, TuneJob, load_config)
-from bincount.errors import BincountError, exit_status
+from bincount.config import (AuditConfig, CompareConfig, DeployConfig, DownloadConfig, EdaConfig, EvaluateConfig,
+                             GateRule, MonitorConfig, PrepareConfig, ServeConfig, ShardConfig, SyntheticConfig, TuneJob,
+                             load_config)
+from bincount.errors import ALERT_EXIT, BincountError, exit_status
 from bincount.train import entry as train_entry
 
 Handler = Callable[[argparse.Namespace], None]
@@ -127,7 +128,67 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(load_config(ServeConfig, args.config, _options(
         args, "model", "port", "host", "name", "precision", "device", "threads", "max_batch", "max_body_bytes", "max_pixels",
-        "url_hosts", "url_timeout", "url_max_bytes", "url_max_redirects", "unsafe_url_addresses")))
+        "url_hosts", "url_timeout", "url_max_bytes", "url_max_redirects", "unsafe_url_addresses", "version", "canary",
+        "canary_percent", "canary_version", "endpoint", "log_store", "log_batch", "log_flush_s", "log_queue")))
+
+
+def cmd_model_list(args: argparse.Namespace) -> None:
+    from bincount.rollout.registry import SHOWN_METRICS, list_models
+    from bincount.store import open_store
+
+    rows = list_models(open_store(args.store))
+    if not rows:
+        raise BincountError(f"no exported models under {args.store}/models/")
+
+    def cells(metrics: dict) -> list[str]:
+        return [f"{metrics[k]:.4f}" if k in metrics else "-" for k in SHOWN_METRICS]
+
+    header = ["run", "arch", "dataset", "val acc", "val bal acc", "val MAE", "test acc", "test bal acc", "test MAE",
+              "role"]
+    table = [header] + [[r.run, r.arch, r.dataset, *cells(r.validation), *cells(r.test), "; ".join(r.roles) or "-"]
+                        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def cmd_model_compare(args: argparse.Namespace) -> int:
+    """Exit 0 when the challenger passes the gate, 2 when the rule refuses it."""
+    import dataclasses
+
+    from bincount.rollout.gate import compare
+
+    cfg = load_config(CompareConfig, args.config, _options(
+        args, "store", "champion", "challenger", "dataset", "split", "out", "batch_size", "workers", "cache_dir",
+        "data", "device", "precision"))
+    rule = {name: getattr(args, name) for name in (f.name for f in dataclasses.fields(GateRule))
+            if getattr(args, name, None) is not None}
+    result = compare(dataclasses.replace(cfg, rule=dataclasses.replace(cfg.rule, **rule)))
+    print(result.line())
+    return 0 if result.passed else ALERT_EXIT
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from bincount.rollout import deploy
+
+    step = {None: deploy.deploy, "promote": deploy.promote, "rollback": deploy.rollback}[args.command]
+    cfg = load_config(DeployConfig, args.config, _options(
+        args, "store", "endpoint", "model", "canary", "reason", "log", "port", "logger_url", "logger_mode", "timeout"))
+    if args.command and cfg.model:
+        raise BincountError(f"deploy {args.command} takes no --model: it acts on the endpoint's challenger or former "
+                            "champion")
+    print(step(cfg, get_backend(args.backend), args.backend).line())
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Exit 2 when a feature drifted over its threshold, so a CronJob or a scheduled run can alert."""
+    from bincount.rollout.monitor import monitor
+
+    result = monitor(load_config(MonitorConfig, args.config, _options(
+        args, "store", "endpoint", "reference", "split", "since", "until", "out", "psi_threshold", "min_records",
+        "significance", "bins", "workers")))
+    print(result.line())
+    return result.exit_code
 
 
 def cmd_manifests_render(args: argparse.Namespace) -> None:
@@ -187,8 +248,9 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> None:
     parser = _pipeline_parser("bincount pipeline submit", f"submit the {pipeline} pipeline to a Kubeflow Pipelines "
                               "server (parameters not given keep the compiled defaults)", None, pipeline)
     parser.add_argument("--pipeline", choices=names, default=names[0],
-                        help="bin_counting (data to endpoint) or bin_audit (count a bucket against its records; with "
-                             "--package: which one the file holds); the parameter flags are the chosen pipeline's")
+                        help="bin_counting (data to endpoint), bin_audit (count a bucket against its records) or "
+                             "bin_monitor (an endpoint's drift report; the run fails on drift); with --package: "
+                             "which one the file holds. The parameter flags are the chosen pipeline's")
     parser.add_argument("--host", required=True, help="the KFP API server, e.g. http://localhost:8080 "
                         "(kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80)")
     parser.add_argument("--package", help="a compiled pipeline YAML (default: compile this version's pipeline)")
@@ -279,7 +341,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bincount", description=__doc__.splitlines()[0])
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,train,evaluate,audit,tune,serve,pipeline,manifests}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,train,evaluate,audit,tune,serve,model,deploy,monitor,pipeline,manifests}")
 
     data = groups.add_parser("data", help="get, prepare and explore bin images")
     data_cmds = data.add_subparsers(dest="command", required=True)
@@ -460,8 +522,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url-max-redirects", type=int, help="redirects followed, each one checked (default 3)")
     p.add_argument("--unsafe-allow-url-address", action="append", dest="unsafe_url_addresses", metavar="IP:PORT",
                    help="UNSAFE, for tests only: let fetches reach this private or loopback address")
+    p.add_argument("--version", help="the model version every answer names (default: the run in model.json)")
+    p.add_argument("--canary", metavar="MODEL", help="a second model that answers --canary-percent of the requests")
+    p.add_argument("--canary-percent", type=int, help="1-99: the share of requests the canary answers")
+    p.add_argument("--canary-version", help="the canary's version in answers (default: its run)")
+    p.add_argument("--log-store", help="append every prediction to predictions/ENDPOINT/ in this store (default: "
+                   "no log)")
+    p.add_argument("--endpoint", help="the endpoint the log is kept for (default: --name)")
+    p.add_argument("--log-batch", type=int, help="records per log object (default 500)")
+    p.add_argument("--log-flush-seconds", type=float, dest="log_flush_s",
+                   help="a log object is written at the latest this long after its first record (default 10)")
+    p.add_argument("--log-queue", type=int, help="records waiting for the store before new ones are dropped and "
+                   "counted (default 10000)")
     _add_config(p)
     p.set_defaults(func=cmd_serve)
+
+    model = groups.add_parser("model", help="the exported models: list them with their metrics and roles, or "
+                              "compare two (the promotion gate)")
+    model_cmds = model.add_subparsers(dest="command", required=True)
+    p = model_cmds.add_parser("list", help="every run under models/ with validation and test metrics and its role "
+                              "on each endpoint")
+    p.add_argument("--store", required=True, help="store root holding models/ and serving/")
+    p.set_defaults(func=cmd_model_list)
+    p = model_cmds.add_parser("compare", help="the promotion gate: champion and challenger on the same photos, "
+                              "paired differences, McNemar, the rule's verdict (exit 2: refused)")
+    p.add_argument("--store", help="store root holding models/ and datasets/NAME/")
+    p.add_argument("--champion", help="the run serving now (RUN or models/RUN), a model directory or URI")
+    p.add_argument("--challenger", help="the run that would replace it")
+    p.add_argument("--dataset", help="the dataset whose split both models count")
+    p.add_argument("--split", help="the split (default test; one either model was fitted on is refused)")
+    p.add_argument("--out", help="where the report goes (default: reports/CHALLENGER/compare-CHAMPION/ in the store)")
+    rule = p.add_argument_group("the rule (config key `rule`)")
+    rule.add_argument("--mae-margin", type=float, help="the challenger's MAE may exceed the champion's by at most "
+                      "this at the interval's upper end (default 0.02)")
+    rule.add_argument("--balanced-accuracy-margin", type=float, help="the challenger's balanced accuracy may trail by "
+                      "at most this (default 0)")
+    rule.add_argument("--min-accuracy", type=float, help="the challenger's own accuracy must reach this (default 0)")
+    rule.add_argument("--confidence", type=float, help="of the bootstrap intervals (default 0.95)")
+    rule.add_argument("--bootstrap", type=int, help="resamples (default 2000)")
+    rule.add_argument("--seed", type=int, help="of the resampling (default 0)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--cache-dir", help="node-local image cache")
+    p.add_argument("--data", choices=["auto", "shards", "cache"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"])
+    _add_config(p)
+    p.set_defaults(func=cmd_model_compare)
+
+    p = groups.add_parser("deploy", help="deploy a run to an endpoint, outright or on canary; `deploy promote` and "
+                          "`deploy rollback`; recorded in serving/ENDPOINT.json")
+    p.add_argument("command", nargs="?", choices=["promote", "rollback"],
+                   help="promote the challenger, or roll back (the canary, else to the former champion)")
+    p.add_argument("--store", help="store root holding models/ and serving/")
+    p.add_argument("--endpoint", help="the endpoint (the InferenceService and the model name; default bincount)")
+    p.add_argument("--model", help="the run to deploy (RUN or models/RUN)")
+    p.add_argument("--canary", type=int, metavar="PERCENT", help="1-99: the run answers this share of the requests "
+                   "beside the champion")
+    p.add_argument("--reason", help="why, for the endpoint's history")
+    p.add_argument("--backend", choices=list(BACKENDS), default="local",
+                   help="local: a ModelServer process here; kubernetes: the InferenceService")
+    p.add_argument("--no-log", dest="log", action="store_false", default=None,
+                   help="do not append the prediction log to predictions/ENDPOINT/ in the store")
+    p.add_argument("--port", type=_port, help="local: the port (default: the endpoint's, else a free one)")
+    p.add_argument("--logger-url", help="kubernetes: KServe's logger also posts every request and answer as "
+                   "CloudEvents to this URL")
+    p.add_argument("--logger-mode", choices=["all", "request", "response"], help="what KServe's logger posts")
+    p.add_argument("--timeout", type=float, help="seconds until the predictor must answer ready (default 600)")
+    _add_config(p)
+    p.set_defaults(func=cmd_deploy)
+
+    p = groups.add_parser("monitor", help="the drift report of an endpoint's prediction log against a reference "
+                          "split (exit 2: drift)")
+    p.add_argument("--store", help="store root holding predictions/ and datasets/")
+    p.add_argument("--endpoint", help="the endpoint whose log is read")
+    p.add_argument("--since", help="the window's start: an age (30m, 24h, 1d, 7d) or an ISO 8601 time (default 1d)")
+    p.add_argument("--until", help="the window's end, an ISO 8601 time (default now)")
+    p.add_argument("--reference", help="the dataset the endpoint's models were built on")
+    p.add_argument("--split", help="its reference split (default train)")
+    p.add_argument("--out", help="where the report goes (default reports/monitor/ENDPOINT/TIME/ in the store)")
+    p.add_argument("--psi-threshold", type=float, help="PSI above which a feature drifted (default 0.25; config "
+                   "`thresholds` sets one per feature)")
+    p.add_argument("--min-records", type=int, help="fewer values than this are not judged (default 100)")
+    p.add_argument("--significance", type=float, help="a PSI that two samples of one distribution reach this often "
+                   "is not drift (default 0.001)")
+    p.add_argument("--bins", type=int, help="quantile bins of a continuous feature (default 10)")
+    p.add_argument("--workers", type=int, help="threads reading reference photos (default 16)")
+    _add_config(p)
+    p.set_defaults(func=cmd_monitor)
 
     pipeline = groups.add_parser("pipeline", help="the Kubeflow pipeline: run it locally (kfp.local), compile it, "
                                  "submit it to a KFP server")

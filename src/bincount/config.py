@@ -194,6 +194,77 @@ class EvaluateConfig:
 
 
 @dataclass
+class GateRule:
+    """When a challenger may replace the champion, judged on both models' answers to the same photos. Each check
+    that fails is a rule that decided; the first one is named in the decision."""
+
+    confidence: float = 0.95                    # of the bootstrap intervals
+    mae_margin: float = 0.02                    # challenger MAE − champion MAE, at the interval's upper end, ≤ this
+    balanced_accuracy_margin: float = 0.0       # champion − challenger balanced accuracy (point estimate) ≤ this
+    min_accuracy: float = 0.0                   # the challenger's own accuracy must reach this (deploy_threshold)
+    bootstrap: int = 2000                       # resamples; a bin photographed several times is resampled whole
+    seed: int = 0
+
+
+@dataclass
+class CompareConfig:
+    """The promotion gate: champion and challenger (runs under the store, directories or URIs) scored on one split
+    of one dataset, compared pair by pair, the report written to `out`."""
+
+    store: str
+    champion: str
+    challenger: str
+    dataset: str
+    split: str = "test"
+    out: str = ""                               # "": reports/<challenger>/compare-<champion>/ in the store
+    rule: GateRule = field(default_factory=GateRule)
+    batch_size: int = 64
+    workers: int = -1
+    cache_dir: str = ""
+    data: str = "auto"
+    device: str = "auto"
+    precision: str = "auto"
+
+
+@dataclass
+class DeployConfig:
+    """One rollout step on an endpoint, recorded in `serving/<endpoint>.json`: a run deployed outright or on
+    canary, or the canary promoted or rolled back."""
+
+    store: str
+    endpoint: str = "bincount"                  # the endpoint: the InferenceService and the model name in its paths
+    model: str = ""                             # the run to deploy (models/<run> in the store)
+    canary: int | None = None                   # percent of requests for `model` beside the champion; None: replace it
+    reason: str = ""                            # why, for the history; "": what the command did
+    log: bool = True                            # the predictor appends every prediction to predictions/<endpoint>/
+    port: int = 0                               # local: 0 keeps the endpoint's port (a free one the first time)
+    logger_url: str = ""                        # kubernetes: KServe's own logger (CloudEvents to this URL) as well
+    logger_mode: str = "all"                    # all, request or response
+    timeout: float = 600.0                      # seconds until the predictor must answer ready
+
+
+@dataclass
+class MonitorConfig:
+    """The drift report of an endpoint: its prediction log over a window against a reference split, written to
+    `out`; a population stability index over its threshold (`thresholds`, default `psi_threshold`) and over what
+    sampling alone reaches at `significance` is drift."""
+
+    store: str
+    endpoint: str
+    reference: str                              # the dataset whose split is the reference
+    split: str = "train"
+    since: str = "1d"                           # the window's start: an age (24h, 7d) or an ISO 8601 time
+    until: str = ""                             # its end, an ISO 8601 time; "": now
+    out: str = ""                               # "": reports/monitor/<endpoint>/<until>/ in the store
+    psi_threshold: float = 0.25
+    thresholds: dict[str, float] = field(default_factory=dict)  # per feature, e.g. {"count": 0.5}
+    min_records: int = 100                      # fewer logged (or reference) values: the feature is not judged
+    significance: float = 0.001                 # a PSI that sampling alone reaches this often is not drift
+    bins: int = 10                              # quantile bins of a continuous feature
+    workers: int = 16                           # threads reading reference photos
+
+
+@dataclass
 class AuditConfig:
     """A batch count of bins in the store, reconciled with expected quantities, written to `audits/<name>/`.
 
@@ -572,6 +643,15 @@ class ServeConfig:
     url_max_bytes: int = 10 << 20
     url_max_redirects: int = 3
     unsafe_url_addresses: list[str] = field(default_factory=list)
+    version: str = ""                           # the model version every answer names; "": the run in model.json
+    canary: str = ""                            # a second model (directory or URI) that answers canary_percent %
+    canary_percent: int = 0                     # of the requests, 1-99, drawn request by request
+    canary_version: str = ""
+    endpoint: str = ""                          # whose prediction log this is: predictions/<endpoint>/; "": name
+    log_store: str = ""                         # the store the prediction log is appended to; "": no log
+    log_batch: int = 500                        # records per log object, at most
+    log_flush_s: float = 10.0                   # a batch is written at the latest this long after its first record
+    log_queue: int = 10_000                     # records waiting to be written; beyond it they are dropped, counted
 
 
 @dataclass
@@ -587,10 +667,16 @@ class TrainJob:
 @dataclass
 class ServeJob:
     """One deployed model: the predictor's settings (`serve.model` is the model directory or store URI; a cluster
-    needs s3://) and the predictor's size on a cluster, where `serve.name` also names the InferenceService."""
+    needs s3://) and the predictor's size on a cluster, where `serve.name` also names the InferenceService. With
+    `serve.canary` the local server answers with both models; a cluster rolls the canary out as the spec's new
+    revision at canaryTrafficPercent, beside the revision serving now."""
 
     serve: ServeConfig
     resources: ServingResources = field(default_factory=ServingResources)
     workdir: str = ""                           # local: serve.yaml and serve.log; "": a new temporary directory
     timeout: float = 600.0                      # seconds until the predictor must answer ready
     poll: float = 5.0                           # kubernetes: seconds between status reads
+    hold_previous: bool = False                 # kubernetes: the last rolled-out revision keeps all traffic while
+                                                # this spec rolls out (canaryTrafficPercent 0: an instant rollback)
+    logger_url: str = ""                        # kubernetes: KServe's logger posts requests and answers here
+    logger_mode: str = "all"                    # all, request or response

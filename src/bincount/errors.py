@@ -6,6 +6,11 @@ import sys
 from collections.abc import Callable
 
 
+# A command that ran to its end and found what it is there to catch (a promotion gate's refusal, drift) exits with
+# this, not 1, so a script, a CronJob or a pipeline can tell a finding from a failure.
+ALERT_EXIT = 2
+
+
 class BincountError(Exception):
     """A failure the user can act on; its message is the whole story, no traceback needed."""
 

@@ -47,11 +47,25 @@ def report_prefix(run: str) -> str:
     return f"reports/{run}/evaluation"
 
 
-def evaluate(cfg: EvaluateConfig) -> EvalResult:
+@dataclass
+class Scored:
+    """One exported model's answers on every photo of a split, in the order it read them: what evaluate reports
+    and the promotion gate compares."""
+
+    model: ExportedModel
+    keys: list[str]
+    labels: list[int]
+    probabilities: torch.Tensor                 # calibrated, [photos, classes]
+    counts: list[int]
+
+
+def score(cfg: EvaluateConfig, model: ExportedModel | None = None) -> Scored:
+    """`cfg.model` (or the loaded `model`) on `cfg.split` of `cfg.dataset`: from the split's shards where they
+    match the model's input size, else through the image cache."""
     if cfg.batch_size < 1:
         raise ConfigError(f"evaluate: batch_size must be at least 1, got {cfg.batch_size}")
     device = pick_device(cfg.device)
-    model = ExportedModel.load(cfg.model, cfg.store)
+    model = model or ExportedModel.load(cfg.model, cfg.store)
     classes = model.classes
     store = open_store(cfg.store)
     items = load_split(store, cfg.dataset, cfg.split, classes)
@@ -66,10 +80,18 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
     predictor = model.predictor(device, cfg.precision)
     log_probs, targets = predict_log_probs(predictor, images, cfg.batch_size, max(0, cfg.workers))
     probabilities = predictor.calibrate(log_probs)
+    return Scored(model, [item.key for item in items], [classes[t] for t in targets.tolist()], probabilities,
+                  model.counts(probabilities))
+
+
+def evaluate(cfg: EvaluateConfig) -> EvalResult:
+    scored = score(cfg)
+    model, classes = scored.model, scored.model.classes
+    targets = torch.tensor([classes.index(label) for label in scored.labels])
     metrics = {"dataset": cfg.dataset, "split": cfg.split, "model": cfg.model, "arch": model.arch,
                "inference": model.describe()["inference"],
-               **measures.counting([classes[t] for t in targets.tolist()], model.counts(probabilities), classes),
-               **measures.calibration(probabilities, targets)}
+               **measures.counting(scored.labels, scored.counts, classes),
+               **measures.calibration(scored.probabilities, targets)}
     out = open_store(cfg.out)
     out.check(write=True)
     out.put_text("metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -77,9 +99,9 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
                                                      indent=2) + "\n")
     out.put("confusion_matrix.png", confusion_png(classes, metrics["confusion_matrix"]))
     out.put_text("predictions.jsonl", "".join(
-        json.dumps({"key": item.key, "label": item.label, "count": count,
+        json.dumps({"key": key, "label": label, "count": count,
                     "probabilities": dict(zip(map(str, classes), row))}) + "\n"
-        for item, count, row in zip(items, model.counts(probabilities), probabilities.tolist())))
+        for key, label, count, row in zip(scored.keys, scored.labels, scored.counts, scored.probabilities.tolist())))
     return EvalResult(out.uri, metrics)
 
 

@@ -13,6 +13,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on `port` (every interface) now."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
 def stop(proc: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM, so the child can drain or forward it to its workers; SIGKILL if it has not exited in time."""
     if proc.poll() is not None:

@@ -8,15 +8,13 @@ dataset gives byte-identical reports.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
 import io
 import json
 import statistics
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
@@ -29,6 +27,7 @@ from tqdm import tqdm
 from bincount.config import EdaConfig
 from bincount.data.abid import RejectedPair, image_key, metadata_key, parse_metadata
 from bincount.data.prepare import NAME_RE, SPLITS, dataset_key
+from bincount.document import Block, Heading, Para, Picture, Table, png, render_html, render_markdown
 from bincount.errors import BincountError, ConfigError
 from bincount.store import KeyNotFoundError, Store, join, open_store
 
@@ -119,8 +118,8 @@ def build_report(cfg: EdaConfig) -> EdaResult:
     blocks = _document(cfg, store, dataset, facts, warnings)
     prefix = report_prefix(cfg.name)
     written = []
-    for name, png in figures.items():
-        store.put(join(prefix, name), png)
+    for name, data in figures.items():
+        store.put(join(prefix, name), data)
         written.append(join(prefix, name))
     store.put_text(join(prefix, "report.md"), render_markdown(blocks))
     store.put_text(join(prefix, "report.html"), render_html(blocks, figures, f"EDA report: {cfg.name}"))
@@ -304,10 +303,9 @@ def _figures(dataset: Dataset, facts: list[ImageFacts], samples: dict[int, list[
 
 def _png(fig: Figure, photos: bool = False) -> bytes:
     """PNG bytes; a figure of photos is reduced to a 256-colour palette, a third of the size at no visible cost."""
-    buf = io.BytesIO()
     if not photos:
-        fig.savefig(buf, format="png", metadata={"Software": None})
-        return buf.getvalue()
+        return png(fig)
+    buf = io.BytesIO()
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
@@ -458,32 +456,6 @@ def _samples_figure(samples: dict[int, list[str]], thumbnails: dict[str, Image.I
 
 # ---- the document -------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass(frozen=True)
-class Para:
-    text: str
-
-
-@dataclass(frozen=True)
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-
-
-@dataclass(frozen=True)
-class Picture:
-    name: str
-    caption: str
-
-
-Block = Heading | Para | Table | Picture
-
-
 def _document(cfg: EdaConfig, store: Store, dataset: Dataset, facts: list[ImageFacts],
               warnings: list[str]) -> list[Block]:
     stats = dataset.stats
@@ -581,54 +553,3 @@ def _median_size(facts: list[ImageFacts]) -> tuple[int, int]:
     if not facts:
         return (0, 0)
     return (round(statistics.median(f.width for f in facts)), round(statistics.median(f.height for f in facts)))
-
-
-def render_markdown(blocks: Iterable[Block]) -> str:
-    out = []
-    for block in blocks:
-        if isinstance(block, Heading):
-            out.append(f"{'#' * block.level} {block.text}")
-        elif isinstance(block, Para):
-            out.append(block.text)
-        elif isinstance(block, Table):
-            cells = [block.header, ["---"] * len(block.header), *block.rows]
-            out.append("\n".join("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells))
-        else:
-            out.append(f"![{block.caption}]({block.name})")
-    return "\n\n".join(out) + "\n"
-
-
-CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
-       padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { border-bottom: 2px solid #4c72b0; padding-bottom: .2em; }
-h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: .3em .7em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-th { background: #f0f3f8; }
-figure { margin: 1.2em 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9em; }
-"""
-
-
-def render_html(blocks: Iterable[Block], figures: dict[str, bytes], title: str) -> str:
-    """One file with everything inline (figures as data URIs), so it can be mailed or opened offline."""
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>"]
-    for block in blocks:
-        if isinstance(block, Heading):
-            out.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
-        elif isinstance(block, Para):
-            out.append(f"<p>{html.escape(block.text)}</p>")
-        elif isinstance(block, Table):
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in block.header)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        else:
-            data = base64.b64encode(figures[block.name]).decode("ascii")
-            out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block.caption)}">'
-                       f"<figcaption>{html.escape(block.caption)} ({html.escape(block.name)})</figcaption></figure>")
-    out += ["</body>", "</html>"]
-    return "\n".join(out) + "\n"

@@ -107,6 +107,9 @@ def _serving_state(obj: dict[str, Any]) -> State:
         info = model.get("lastFailureInfo") or {}
         return State(model["transitionStatus"], done=True, failed=True,
                      message=info.get("message") or info.get("reason") or "")
+    generation, seen = (obj.get("metadata") or {}).get("generation"), status.get("observedGeneration")
+    if generation is not None and seen is not None and seen < generation:
+        return State(f"not ready (KServe has not reconciled generation {generation} yet)")
     ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
     if ready.get("status") == "True":
         return State(f"Ready at {status.get('url', '?')}", done=True)
@@ -197,6 +200,20 @@ class Cluster:
         kind = kind_of(body)
         return self._call(kind, "create", body["metadata"]["name"], self._custom.create_namespaced_custom_object,
                           kind.group, kind.version, self.namespace, kind.plural, body)
+
+    def apply(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Creates the resource, or replaces the spec of the one of that name (an InferenceService rolled to
+        another model), which its operator then reconciles."""
+        kind = kind_of(body)
+        name = body["metadata"]["name"]
+        try:
+            current = self.get(kind, name)
+        except NotFound:
+            return self.create(body)
+        body = {**body, "metadata": {**body["metadata"],
+                                     "resourceVersion": current["metadata"].get("resourceVersion")}}
+        return self._call(kind, "replace", name, self._custom.replace_namespaced_custom_object,
+                          kind.group, kind.version, self.namespace, kind.plural, name, body)
 
     def get(self, kind: Kind, name: str) -> dict[str, Any]:
         return self._call(kind, "get", name, self._custom.get_namespaced_custom_object,
@@ -391,6 +408,8 @@ class Cluster:
         if e.status == 401:
             return LaunchError("the Kubernetes API rejected the credentials (401 Unauthorized); "
                                "refresh the kubeconfig or the service account token")
+        if e.status == 409 and action == "replace":
+            return LaunchError(f"{what} changed on the cluster while it was being replaced; run the step again")
         if e.status == 409:
             return LaunchError(f"{what} already exists in namespace {self.namespace}; delete it or pick another name")
         if e.status == 422:

@@ -1,6 +1,6 @@
 """manifests/ rendered from the builders, so what `kubectl apply -k` applies and what the launchers create agree.
 
-Layout: base/ (platform) and training/, tuning/, serving/, audit/ hold the default objects; each overlay has a
+Layout: base/ (platform) and training/, tuning/, serving/, audit/, monitor/ hold the default objects; each overlay has a
 kustomization for the platform plus one per stage whose patch is the merge patch from the default objects to the
 overlay's (computed here, never written by hand). `render` returns every file; `write` and `drift` are the
 `bincount manifests render [--check]` command.
@@ -21,7 +21,7 @@ from bincount.config import ClusterConfig, JobResources, ServingResources
 from bincount.errors import BincountError
 from bincount.k8s import platform
 from bincount.k8s.resources import (RUN_FLAG, ExperimentSpec, audit_cronjob, experiment, inference_service,
-                                    pytorchjob)
+                                    monitor_cronjob, pytorchjob)
 from bincount.tune.space import SearchSpace, load_space, trainer_args
 
 HEADER = ("# Rendered by `bincount manifests render` from src/bincount/k8s/. Edit the builders and re-render:\n"
@@ -32,9 +32,12 @@ DATASET = "abid"
 TRAIN_RUN = "bincount-train"
 SERVE_NAME = "bincount"
 STAGE_FILES = {"training": "pytorchjob.yaml", "tuning": "experiment.yaml", "serving": "inferenceservice.yaml",
-               "audit": "cronjob.yaml"}
+               "audit": "cronjob.yaml", "monitor": "cronjob.yaml"}
 AUDIT_NAME = "bincount-audit"
 AUDIT_SCHEDULE = "0 2 * * *"                    # nightly, 02:00 in the cluster's time zone
+MONITOR_NAME = "bincount-monitor"
+MONITOR_SCHEDULE = "30 1 * * *"                 # nightly, 01:30, over the day before
+MONITOR = JobResources(cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="3Gi", shm_size="512Mi")
 
 
 @dataclass(frozen=True)
@@ -112,13 +115,17 @@ def stages(profile: Profile, cluster: ClusterConfig) -> dict[str, dict[str, list
                  "store.yaml": [platform.store_config(cluster)],
                  "minio.yaml": platform.minio(cluster, profile.minio_storage),
                  "bucket-job.yaml": platform.bucket_job(cluster),
-                 "audit-policy.yaml": [platform.audit_policy(cluster)]},
+                 "audit-policy.yaml": [platform.audit_policy(cluster)],
+                 "monitor-policy.yaml": [platform.monitor_policy(cluster)]},
         "training": {STAGE_FILES["training"]: [pytorchjob(TRAIN_RUN, profile.train_args, profile.training, cluster)]},
         "tuning": {STAGE_FILES["tuning"]: [experiment(profile.experiment, cluster)]},
         "serving": {STAGE_FILES["serving"]: [inference_service(
-            SERVE_NAME, f"{cluster.store}/models/{TRAIN_RUN}", profile.serving, cluster)]},
+            SERVE_NAME, f"{cluster.store}/models/{TRAIN_RUN}", profile.serving, cluster, version=TRAIN_RUN,
+            log_store=cluster.store)]},
         "audit": {STAGE_FILES["audit"]: [audit_cronjob(AUDIT_NAME, AUDIT_SCHEDULE, audit_args(profile.audit, cluster),
                                                        profile.audit, cluster)]},
+        "monitor": {STAGE_FILES["monitor"]: [monitor_cronjob(MONITOR_NAME, MONITOR_SCHEDULE, monitor_args(cluster),
+                                                             MONITOR, cluster)]},
     }
 
 
@@ -127,6 +134,11 @@ def audit_args(resources: JobResources, cluster: ClusterConfig) -> list[str]:
     return ["audit", "--store", cluster.store, "--model", TRAIN_RUN, "--all", "--modified-after", "1d",
             "--name", "nightly-{date}", "--workers", str(resources.workers), "--device",
             "cuda" if resources.gpus_per_worker else "cpu"]
+
+
+def monitor_args(cluster: ClusterConfig) -> list[str]:
+    """Each night: the endpoint's last day of predictions against the training split of the dataset it learned."""
+    return ["monitor", "--store", cluster.store, "--endpoint", SERVE_NAME, "--since", "1d", "--reference", DATASET]
 
 
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

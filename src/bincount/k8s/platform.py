@@ -57,6 +57,11 @@ def audit_policy(cluster: ClusterConfig) -> dict[str, Any]:
     return _ingress_policy("bincount-audit", cluster, "audit", labels("audit"), [])
 
 
+def monitor_policy(cluster: ClusterConfig) -> dict[str, Any]:
+    """The nightly drift report's pods serve nothing either."""
+    return _ingress_policy("bincount-monitor", cluster, "monitor", labels("monitor"), [])
+
+
 def namespace(cluster: ClusterConfig) -> dict[str, Any]:
     """Katib injects its metrics collector only into pods of labelled namespaces. Pod Security `baseline`
     is enforced (not `restricted`): Katib's and Knative's injected sidecars are outside our control."""

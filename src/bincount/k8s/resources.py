@@ -1,5 +1,5 @@
-"""Builders of the resources bincount runs on a cluster: PyTorchJob, Katib Experiment, InferenceService, and the
-audit's indexed Job and CronJob.
+"""Builders of the resources bincount runs on a cluster: PyTorchJob, Katib Experiment, InferenceService, the
+audit's indexed Job and CronJob, and the drift report's CronJob.
 
 They are the one source: the launchers create what these return, and `bincount manifests render` writes the same
 objects to manifests/. Plain dicts, because that is what both the CustomObjects API and kustomize take.
@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bincount.config import ClusterConfig, JobResources, ServingResources
-from bincount.errors import ConfigError
+from bincount.errors import ALERT_EXIT, ConfigError
 
 TRAIN_COMMAND = ["torchrun", "-m", "bincount.train"]
 TRAINER_CONTAINER = "pytorch"
 SERVING_CONTAINER = "kserve-container"
 AUDIT_CONTAINER = "audit"
+MONITOR_CONTAINER = "monitor"
 BINCOUNT = ["bincount"]
 SERVING_PORT = 8080
 SERVING_HOST = "0.0.0.0"                        # every interface: KServe routes to the pod's own address
@@ -265,23 +266,36 @@ def _settings(key: str, settings: Mapping[str, str]) -> dict[str, Any]:
     return {key: [{"name": k, "value": str(v)} for k, v in settings.items()]} if settings else {}
 
 
-def inference_service(name: str, storage_uri: str, serving: ServingResources,
-                      cluster: ClusterConfig | None = None) -> dict[str, Any]:
+def inference_service(name: str, storage_uri: str, serving: ServingResources, cluster: ClusterConfig | None = None,
+                      *, version: str = "", canary_percent: int | None = None, log_store: str = "",
+                      logger: dict[str, str] | None = None) -> dict[str, Any]:
     """A custom KServe predictor: our serving image as `kserve-container`. KServe takes a custom container's
     model location from its STORAGE_URI env; the storage initializer fetches it to /mnt/models with the
-    credentials of the ServiceAccount's S3 Secret."""
+    credentials of the ServiceAccount's S3 Secret.
+
+    `version` is the run every answer names. `canary_percent` is KServe's canaryTrafficPercent: this spec's
+    revision gets that share and the last rolled-out one keeps the rest (Knative mode only). With `log_store` the
+    predictor appends its prediction log there, with the S3 Secret as env: Knative sets no fsGroup, so mounted
+    Secret files would not be readable by the non-root user. `logger` is KServe's own request/response logger."""
     cluster = cluster or ClusterConfig()
     if not storage_uri.startswith("s3://"):
         raise ConfigError(f"storage URI {storage_uri!r} must be s3://bucket/path (the model directory)")
     scratch, scratch_mount = scratch_volume()
     health = {"port": SERVING_PORT, "scheme": "HTTP"}
+    args = ["--model", MODEL_DIR, "--host", SERVING_HOST, "--port", str(SERVING_PORT), "--name", name]
+    env = [{"name": "STORAGE_URI", "value": storage_uri}]
+    if version:
+        args += ["--version", version]
+    if log_store:
+        args += ["--log-store", log_store]
+        env += store_env(cluster)
     container = {
         "name": SERVING_CONTAINER,
         "image": serving.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["bincount", "serve"],
-        "args": ["--model", MODEL_DIR, "--host", SERVING_HOST, "--port", str(SERVING_PORT)],
-        "env": [{"name": "STORAGE_URI", "value": storage_uri}],
+        "args": args,
+        "env": env,
         "ports": [{"name": "http1", "containerPort": SERVING_PORT, "protocol": "TCP"}],
         "resources": {"requests": serving.requests(), "limits": serving.limits()},
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", **health}, "periodSeconds": 5},
@@ -290,18 +304,21 @@ def inference_service(name: str, storage_uri: str, serving: ServingResources,
         "securityContext": container_security(standalone=True),
         "volumeMounts": [scratch_mount],
     }
-    predictor = {"serviceAccountName": cluster.serving_service_account,
-                 "automountServiceAccountToken": False,
-                 "minReplicas": serving.min_replicas,
-                 "maxReplicas": serving.max_replicas,
-                 "containers": [container],
-                 "volumes": [scratch]}
+    predictor: dict[str, Any] = {"serviceAccountName": cluster.serving_service_account,
+                                 "automountServiceAccountToken": False,
+                                 "minReplicas": serving.min_replicas,
+                                 "maxReplicas": serving.max_replicas}
+    if canary_percent is not None:
+        predictor["canaryTrafficPercent"] = canary_percent
+    if logger:
+        predictor["logger"] = dict(logger)
+    predictor.update(containers=[container], volumes=[scratch])
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
             "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels("serving")},
             "spec": {"predictor": predictor}}
 
 
-# checkov's skip annotation, justified in place: the audit pods run bincount's own image
+# checkov's skip annotation, justified in place: the audit and monitor pods run bincount's own image
 OWN_IMAGE_TAG = {"checkov.io/skip1": "CKV_K8S_43=bincount's own image is built here and named by its release tag; its "
                                      "digest exists only once a user pushes it, and imagePullPolicy Always re-resolves the tag"}
 
@@ -317,7 +334,7 @@ def audit_job(name: str, worker_args: Sequence[str], resources: JobResources,
                          "annotations": dict(OWN_IMAGE_TAG)},
             "spec": {"completionMode": "Indexed", "completions": resources.workers, "parallelism": resources.workers,
                      "backoffLimitPerIndex": resources.backoff_limit, "ttlSecondsAfterFinished": 7 * 24 * 3600,
-                     "template": _audit_pod(worker_args, resources, cluster, "Never")}}
+                     "template": _batch_pod("audit", AUDIT_CONTAINER, worker_args, resources, cluster, "Never")}}
 
 
 def audit_cronjob(name: str, schedule: str, audit_args: Sequence[str], resources: JobResources,
@@ -326,21 +343,38 @@ def audit_cronjob(name: str, schedule: str, audit_args: Sequence[str], resources
     never two at once."""
     cluster = cluster or ClusterConfig()
     job = {"backoffLimit": resources.backoff_limit, "ttlSecondsAfterFinished": 7 * 24 * 3600,
-           "template": _audit_pod(audit_args, resources, cluster, "OnFailure")}
+           "template": _batch_pod("audit", AUDIT_CONTAINER, audit_args, resources, cluster, "OnFailure")}
+    return _cronjob(name, "audit", schedule, job, cluster)
+
+
+def monitor_cronjob(name: str, schedule: str, monitor_args: Sequence[str], resources: JobResources,
+                    cluster: ClusterConfig | None = None) -> dict[str, Any]:
+    """The scheduled drift report. `bincount monitor` exits ALERT_EXIT on drift: a pod failure policy fails the Job
+    at once on that code (the failed Job is the alert), while other failures are retried up to the backoff limit."""
+    cluster = cluster or ClusterConfig()
+    job = {"backoffLimit": resources.backoff_limit, "ttlSecondsAfterFinished": 7 * 24 * 3600,
+           "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+               "containerName": MONITOR_CONTAINER, "operator": "In", "values": [ALERT_EXIT]}}]},
+           "template": _batch_pod("monitor", MONITOR_CONTAINER, monitor_args, resources, cluster, "Never")}
+    return _cronjob(name, "monitor", schedule, job, cluster)
+
+
+def _cronjob(name: str, component: str, schedule: str, job: dict[str, Any], cluster: ClusterConfig) -> dict[str, Any]:
     return {"apiVersion": "batch/v1", "kind": "CronJob",
-            "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels("audit"),
+            "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels(component),
                          "annotations": dict(OWN_IMAGE_TAG)},
             "spec": {"schedule": schedule, "concurrencyPolicy": "Forbid", "successfulJobsHistoryLimit": 3,
                      "failedJobsHistoryLimit": 3,
-                     "jobTemplate": {"metadata": {"labels": labels("audit")}, "spec": job}}}
+                     "jobTemplate": {"metadata": {"labels": labels(component)}, "spec": job}}}
 
 
-def _audit_pod(args: Sequence[str], resources: JobResources, cluster: ClusterConfig,
-               restart: str) -> dict[str, Any]:
+def _batch_pod(component: str, container_name: str, args: Sequence[str], resources: JobResources,
+               cluster: ClusterConfig, restart: str) -> dict[str, Any]:
+    """A pod of bincount's own command over the store, which it reaches with the S3 Secret mounted as files."""
     scratch, scratch_mount = scratch_volume()
     secret, secret_mount = credentials_volume(cluster)
     container = {
-        "name": AUDIT_CONTAINER,
+        "name": container_name,
         "image": resources.image,
         "imagePullPolicy": "Always",
         "command": list(BINCOUNT),
@@ -350,7 +384,7 @@ def _audit_pod(args: Sequence[str], resources: JobResources, cluster: ClusterCon
         "securityContext": container_security(),
         "volumeMounts": [scratch_mount, secret_mount],
     }
-    return {"metadata": {"labels": labels("audit")},
+    return {"metadata": {"labels": labels(component)},
             "spec": {"serviceAccountName": cluster.workload_service_account,
                      "automountServiceAccountToken": False,
                      "restartPolicy": restart,

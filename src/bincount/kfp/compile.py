@@ -1,5 +1,6 @@
-"""The compiled specs a KFP user loads or submits: components/<step>/component.yaml and
-pipelines/bin_counting.yaml and pipelines/bin_audit.yaml, written from the definitions in this package and checked for drift by a test."""
+"""The compiled specs a KFP user loads or submits: components/<step>/component.yaml and pipelines/bin_counting.yaml,
+pipelines/bin_audit.yaml and pipelines/bin_monitor.yaml, written from the definitions in this package and checked
+for drift by a test."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ HEADER = ("# Compiled by `bincount pipeline compile` from src/bincount/kfp/. Edi
           "# a test fails when this file and the definitions disagree.\n")
 PIPELINE_FILE = Path("pipelines") / "bin_counting.yaml"
 AUDIT_PIPELINE_FILE = Path("pipelines") / "bin_audit.yaml"
+MONITOR_PIPELINE_FILE = Path("pipelines") / "bin_monitor.yaml"
 COMPONENTS_DIR = Path("components")
 
 
@@ -20,9 +22,9 @@ def compiled() -> dict[Path, str]:
     from kfp import compiler
 
     from bincount.kfp.components import COMPONENTS
-    from bincount.kfp.pipeline import bin_audit, bin_counting
+    from bincount.kfp.pipeline import bin_audit, bin_counting, bin_monitor
 
-    targets = {PIPELINE_FILE: bin_counting, AUDIT_PIPELINE_FILE: bin_audit}
+    targets = {PIPELINE_FILE: bin_counting, AUDIT_PIPELINE_FILE: bin_audit, MONITOR_PIPELINE_FILE: bin_monitor}
     targets |= {COMPONENTS_DIR / name.replace("-", "_") / "component.yaml": c for name, c in COMPONENTS.items()}
     out = {}
     with tempfile.TemporaryDirectory(prefix="bincount-compile-") as tmp:

@@ -8,6 +8,7 @@ artifact types from the annotations at decoration time.
 """
 
 import functools
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
@@ -78,20 +79,53 @@ def evaluate(splits: Input[Dataset], model: Input[Model], test_metrics: Output[M
 
 
 @component
-def deploy(model: Input[Model], backend: str, name: str, accuracy: float) -> str:
-    """The model behind a V1/V2 endpoint: a local ModelServer process or a KServe InferenceService. Returns
-    the deployment as JSON (URLs, how to stop it)."""
+def gate(splits: Input[Dataset], model: Input[Model], endpoint: str, accuracy: float, deploy_threshold: float,
+         mae_margin: float, balanced_accuracy_margin: float, confidence: float, gate_report: Output[HTML],
+         gate_markdown: Output[Markdown]) -> NamedTuple("GateOutputs", [("passed", bool), ("decision", str)]):
+    """The promotion gate: the new model against the endpoint's champion on the same test photos (a first model
+    passes), by the rule these parameters make; returns whether it may be deployed and which rule decided."""
     from bincount.kfp import stages
 
-    return stages.deploy(model, backend, name, accuracy)
+    return stages.gate(splits, model, endpoint, accuracy, deploy_threshold, mae_margin, balanced_accuracy_margin,
+                       confidence, gate_report, gate_markdown)
 
 
 @component
-def skip_deploy(accuracy: float, threshold: float) -> str:
+def deploy(model: Input[Model], backend: str, name: str, decision: str, canary_percent: int) -> str:
+    """The model behind a V1/V2 endpoint (a local ModelServer process or a KServe InferenceService), outright or
+    on canary, recorded in serving/NAME.json. Returns the deployment as JSON (URLs, how to stop it)."""
+    from bincount.kfp import stages
+
+    return stages.deploy(model, backend, name, decision, canary_percent)
+
+
+@component
+def skip_deploy(decision: str) -> str:
     """Says why the model was not deployed, in the same JSON shape, so the run does not end silently."""
     from bincount.kfp import stages
 
-    return stages.skip_deploy(accuracy, threshold)
+    return stages.skip_deploy(decision)
+
+
+@component
+def monitor(store: str, endpoint: str, reference: str, split: str, since: str, psi_threshold: float,
+            min_records: int, report: Output[HTML], report_markdown: Output[Markdown],
+            summary: Output[Metrics]) -> NamedTuple("MonitorOutputs", [("drifted", bool), ("decision", str)]):
+    """The drift report of an endpoint's prediction log against a reference split; returns whether a feature
+    drifted over its threshold, and which."""
+    from bincount.kfp import stages
+
+    return stages.monitor(store, endpoint, reference, split, since, psi_threshold, min_records, report,
+                          report_markdown, summary)
+
+
+@component
+def drift_alert(decision: str):
+    """Fails the run with the drift found, so a scheduled run alerts as a failed one (the report stays in the
+    monitor step's artifacts)."""
+    from bincount.kfp import stages
+
+    stages.drift_alert(decision)
 
 
 @component
@@ -122,5 +156,5 @@ def audit_report(store: str, name: str, review: int, threshold: float, target_pr
                                report_markdown, summary)
 
 
-COMPONENTS = {c.name: c for c in (download, prepare, shard, tune, train, evaluate, deploy, skip_deploy, audit_plan,
-                                  audit_count, audit_report)}
+COMPONENTS = {c.name: c for c in (download, prepare, shard, tune, train, evaluate, gate, deploy, skip_deploy, monitor,
+                                  drift_alert, audit_plan, audit_count, audit_report)}

@@ -72,12 +72,15 @@ class PipelineRun:
             f"item {test['within_one_accuracy']:.4f}, MAE {test['mae']:.3f} ({test['samples']:.0f} images)",
             f"  reports     {model['reports']} (training curves and step times, test metrics, confusion matrix)",
         ]
+        gate = o["gate"].metadata
+        lines.append(f"  gate        {gate['decision']} (report {o['gate'].path})")
         if deployment["deployed"]:
             lines += [f"  endpoint    {deployment['predict_url']}",
                       f"              open {deployment['url']}/ to count the items in a photo; "
                       f"stop the server with: {deployment['stop']}"]
         else:
-            lines.append(f"  not deployed: {deployment['reason']}")
+            keeps = f"; champion {gate['champion']} keeps serving" if gate.get("champion") else ""
+            lines.append(f"  not deployed{keeps}")
         lines.append(f"  artifacts   {Path(o['model'].path).parent.parent}")
         lines.append(f"  log         {self.log} (every step's whole output; --verbose shows it as it runs)")
         return "\n".join(lines)

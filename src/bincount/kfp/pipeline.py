@@ -1,8 +1,9 @@
-"""The bin-counting pipeline: download → prepare (+EDA) → shard → tune → train → evaluate → deploy if good
-enough; and the audit pipeline: plan → count (worker processes or an indexed Job) → report.
+"""The bin-counting pipeline: download → prepare (+EDA) → shard → tune → train → evaluate → gate → deploy if the
+gate passes; the audit pipeline: plan → count (worker processes or an indexed Job) → report; and the monitor
+pipeline: the drift report of an endpoint, failing the run on drift (for a recurring run).
 
-Compiled into pipelines/bin_counting.yaml and pipelines/bin_audit.yaml for `kfp run create`; the first is run as
-is by `bincount pipeline run`
+Compiled into pipelines/bin_counting.yaml, pipelines/bin_audit.yaml and pipelines/bin_monitor.yaml for
+`kfp run create`; the first is run as is by `bincount pipeline run`
 through kfp.local. The defaults here are a cluster's (Kubeflow, MinIO, GPU workers, the kubernetes backend);
 `bincount.kfp.local_run.QUICKSTART` holds the local ones. No `from __future__ import annotations`: KFP reads
 the types from the annotations.
@@ -21,7 +22,7 @@ NAME = "bin-counting"
 CLUSTER = ClusterConfig()
 Outputs = NamedTuple("Outputs", [("splits", Dataset), ("eda", HTML), ("best", Artifact), ("model", Model),
                                  ("test_metrics", Metrics), ("confusion_matrix", ClassificationMetrics),
-                                 ("deployment", str)])
+                                 ("gate", HTML), ("deployment", str)])
 # Steps that do their work in their own pod get room for it; the others launch and follow cluster resources.
 WORKING = {"cpu": "2", "memory": "8Gi"}
 LAUNCHING = {"cpu": "500m", "memory": "1Gi"}
@@ -68,6 +69,10 @@ def bin_counting(
     run_name: str = "",
     model_name: str = "bincount",
     deploy_threshold: float = 0.5,
+    gate_mae_margin: float = 0.02,
+    gate_balanced_accuracy_margin: float = 0.0,
+    gate_confidence: float = 0.95,
+    canary_percent: int = 0,
 ) -> Outputs:
     """Count the items in a warehouse bin from one photo: ABID data, Katib tuning, PyTorchJob DDP training,
     evaluation on the test split, KServe serving.
@@ -105,8 +110,16 @@ def bin_counting(
         procs_per_worker: DDP processes per pod; 0: one per GPU, or one without GPUs.
         backend: kubernetes (PyTorchJob, Katib, KServe) or local (torchrun, optuna, a ModelServer process).
         run_name: Name of the training run, model and search; empty: derived from the pipeline run's id.
-        model_name: Model name of the endpoint (/v1/models/NAME:predict).
-        deploy_threshold: Deploy only when the test accuracy reaches it.
+        model_name: The endpoint: its model name (/v1/models/NAME:predict), InferenceService and record
+            (serving/NAME.json).
+        deploy_threshold: Deploy only when the test accuracy reaches it (the gate's first rule).
+        gate_mae_margin: The gate: the new model's MAE may exceed the champion's by at most this, at the upper end
+            of the interval.
+        gate_balanced_accuracy_margin: The gate: the new model's balanced accuracy may trail the champion's by at
+            most this.
+        gate_confidence: The gate: the confidence of its bootstrap intervals.
+        canary_percent: 0 deploys a model that passes the gate outright; 1-99 puts it on canary beside the champion
+            (then `bincount deploy promote` or `rollback`).
     """
     fetched = _on_cluster(c.download(source=source, store=store, images=images, file_list=file_list,
                                      source_endpoint=source_endpoint, source_bucket=source_bucket, seed=seed), WORKING)
@@ -124,16 +137,19 @@ def bin_counting(
                                   run_name=run_name, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, epochs=epochs, **sizes),
                           LAUNCHING)
     evaluated = _on_cluster(c.evaluate(splits=prepared.outputs["splits"], model=trained.outputs["model"]), WORKING)
-    accuracy = evaluated.outputs["Output"]
-    with dsl.If(accuracy >= deploy_threshold, name="good-enough"):
+    gated = _on_cluster(c.gate(splits=prepared.outputs["splits"], model=trained.outputs["model"], endpoint=model_name,
+                               accuracy=evaluated.outputs["Output"], deploy_threshold=deploy_threshold,
+                               mae_margin=gate_mae_margin, balanced_accuracy_margin=gate_balanced_accuracy_margin,
+                               confidence=gate_confidence), WORKING)
+    with dsl.If(gated.outputs["passed"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python's)
         deployed = _on_cluster(c.deploy(model=trained.outputs["model"], backend=backend, name=model_name,
-                                        accuracy=accuracy), LAUNCHING)
-    with dsl.Else(name="not-good-enough"):
-        skipped = _on_cluster(c.skip_deploy(accuracy=accuracy, threshold=deploy_threshold), LAUNCHING)
+                                        decision=gated.outputs["decision"], canary_percent=canary_percent), LAUNCHING)
+    with dsl.Else(name="gate-refused"):
+        skipped = _on_cluster(c.skip_deploy(decision=gated.outputs["decision"]), LAUNCHING)
     return Outputs(splits=prepared.outputs["splits"], eda=prepared.outputs["eda_html"],
                    best=searched.outputs["best"], model=trained.outputs["model"],
                    test_metrics=evaluated.outputs["test_metrics"],
-                   confusion_matrix=evaluated.outputs["confusion_matrix"],
+                   confusion_matrix=evaluated.outputs["confusion_matrix"], gate=gated.outputs["gate_report"],
                    deployment=dsl.OneOf(deployed.output, skipped.output))
 
 
@@ -196,4 +212,38 @@ def bin_audit(
                         flagged=reported.outputs["Output"])
 
 
-PIPELINES = {"bin_counting": bin_counting, "bin_audit": bin_audit}
+MONITOR_NAME = "bin-monitor"
+MonitorOutputs = NamedTuple("MonitorOutputs", [("report", HTML), ("summary", Metrics), ("drifted", bool)])
+
+
+@dsl.pipeline(name=MONITOR_NAME)
+def bin_monitor(
+    store: str = CLUSTER.store,
+    endpoint: str = "bincount",
+    reference: str = "abid",
+    split: str = "train",
+    since: str = "1d",
+    psi_threshold: float = 0.25,
+    min_records: int = 100,
+) -> MonitorOutputs:
+    """The drift report of an endpoint: what its prediction log says it was asked and answered against the split
+    its models were built on; the run fails when a feature drifted, so a recurring run alerts.
+
+    Args:
+        store: Where the prediction log (predictions/ENDPOINT/) and the reference dataset live.
+        endpoint: The endpoint whose log is read.
+        reference: The dataset the endpoint's models were built on.
+        split: Its reference split.
+        since: The window: the last 30m, 24h, 1d, 7d, or from an ISO 8601 time.
+        psi_threshold: A population stability index above it is drift.
+        min_records: Fewer values than this are not judged.
+    """
+    checked = _on_cluster(c.monitor(store=store, endpoint=endpoint, reference=reference, split=split, since=since,
+                                    psi_threshold=psi_threshold, min_records=min_records), WORKING)
+    with dsl.If(checked.outputs["drifted"] == True, name="drifted"):  # noqa: E712 (a KFP condition)
+        _on_cluster(c.drift_alert(decision=checked.outputs["decision"]), LAUNCHING)
+    return MonitorOutputs(report=checked.outputs["report"], summary=checked.outputs["summary"],
+                          drifted=checked.outputs["drifted"])
+
+
+PIPELINES = {"bin_counting": bin_counting, "bin_audit": bin_audit, "bin_monitor": bin_monitor}

@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, JobResources, PrepareConfig, ServeConfig,
-                             ServeJob, ShardConfig, SyntheticConfig, TrainJob, TuneJob, from_dict, load_train_config, to_dict)
+from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, JobResources, PrepareConfig,
+                             ShardConfig, SyntheticConfig, TrainJob, TuneJob, from_dict, load_train_config, to_dict)
 from bincount.errors import BincountError, ConfigError
 from bincount.store import Store, open_store
 
@@ -241,7 +241,7 @@ def train(splits: Any, best: Any, backend: str, run_name: str, job_id: str, epoc
     outcome = get_backend(backend).train(TrainJob(cfg, job_resources(workers, gpus_per_worker, procs_per_worker)))
     _fetch(open_store(outcome.model), {Path(model.path) / file: file for file in (MODEL_FILE, META_FILE)})
     meta = json.loads((Path(model.path) / META_FILE).read_text())
-    model.metadata.update({"store_uri": outcome.model, "run": run, "arch": meta["arch"],
+    model.metadata.update({"store_uri": outcome.model, "store": store, "run": run, "arch": meta["arch"],
                            "input_size": meta["preprocessing"]["size"], "best_epoch": meta["best_epoch"],
                            "epochs": meta["epochs"], **{f"inference_{k}": v for k, v in meta["inference"].items()},
                            "reports": open_store(store).url(f"reports/{run}")})
@@ -276,25 +276,99 @@ def evaluate(splits: Any, model: Any, test_metrics: Any, confusion_matrix: Any, 
 
 
 @stage
-def deploy(model: Any, backend: str, name: str, accuracy: float) -> str:
-    from bincount.backends import get_backend
-    from bincount.data.dataset import default_cache_root
+def gate(splits: Any, model: Any, endpoint: str, accuracy: float, deploy_threshold: float, mae_margin: float,
+         balanced_accuracy_margin: float, confidence: float, gate_report: Any, gate_markdown: Any) -> tuple[bool, str]:
+    """The new model against the endpoint's champion on the test split; a first model (or the champion itself)
+    is judged by the deploy threshold alone. A refusal is written to the endpoint's history."""
+    from bincount.config import CompareConfig, GateRule
+    from bincount.document import Heading, Para, render_html, render_markdown
+    from bincount.rollout import registry
+    from bincount.rollout.gate import Refused, compare
 
-    job = ServeJob(ServeConfig(model=model.metadata["store_uri"], name=name, port=0),
-                   workdir=str(default_cache_root() / "serving" / name))
-    endpoint = get_backend(backend).serve(job)
+    store, run = _store(splits), model.metadata["run"]
+    source = open_store(store)
+    record = registry.load(source, endpoint)
+    champion = record.champion
+    rule = GateRule(confidence=confidence, mae_margin=mae_margin, balanced_accuracy_margin=balanced_accuracy_margin,
+                    min_accuracy=deploy_threshold)
+    if champion is None or champion.run == run:
+        passed = accuracy >= deploy_threshold
+        why = (f"no champion serves endpoint {endpoint} yet, so {run} is its first model" if champion is None
+               else f"{run} already is the champion of endpoint {endpoint}")
+        decision = (f"{'passed' if passed else 'refused by the min_accuracy rule'}: {why}; test accuracy "
+                    f"{accuracy:.4f} {'≥' if passed else '<'} the deploy threshold {deploy_threshold:.4f}")
+        blocks = [Heading(f"Promotion gate: {run}", 1), Para(decision[0].upper() + decision[1:] + ".")]
+        Path(gate_report.path).write_text(render_html(blocks, {}, f"Promotion gate: {run}"))
+        Path(gate_markdown.path).write_text(render_markdown(blocks))
+    else:
+        try:
+            result = compare(CompareConfig(store=store, champion=champion.model, challenger=model.metadata["store_uri"],
+                                           dataset=splits.metadata["dataset"], split="test", rule=rule))
+            passed, decision = result.passed, result.decision
+            report = open_store(result.uri)
+            _fetch(report, {Path(gate_report.path): "report.html", Path(gate_markdown.path): "report.md"})
+            gate_report.metadata["uri"] = report.url("report.html")
+        except Refused as e:
+            passed, decision = False, f"refused: {e}"
+            Path(gate_report.path).write_text(render_html([Para(decision)], {}, f"Promotion gate: {run}"))
+            Path(gate_markdown.path).write_text(decision + "\n")
+    if not passed:
+        record.log("refused", run, decision, registry.evaluation_metrics(source, run))
+        registry.save(source, record)
+    gate_report.metadata.update(passed=passed, decision=decision, champion=champion.run if champion else "")
+    _result(f"{'deploy' if passed else 'do not deploy'} {run}: {decision}")
+    return passed, decision
+
+
+@stage
+def deploy(model: Any, backend: str, name: str, decision: str, canary_percent: int) -> str:
+    from bincount.backends import get_backend
+    from bincount.config import DeployConfig
+    from bincount.rollout.deploy import deploy as step
+
+    cfg = DeployConfig(store=model.metadata["store"], endpoint=name, model=model.metadata["run"],
+                       canary=canary_percent or None, reason=f"pipeline gate {decision}")
+    result = step(cfg, get_backend(backend), backend)
+    endpoint = result.endpoint
     record = {"deployed": True, "name": name, "url": endpoint.url, "predict_url": endpoint.predict_url,
-              "stop": endpoint.stop_hint, "model": model.metadata["store_uri"], "test_accuracy": accuracy}
-    print(f"deployed {record['model']} at {endpoint.predict_url} (stop it with: {endpoint.stop_hint})", flush=True)
+              "stop": endpoint.stop_hint, "model": model.metadata["store_uri"], "decision": decision,
+              "serving": result.line()}
+    print(result.line(), flush=True)
     _result(f"serving at {endpoint.predict_url}")
     return json.dumps(record)
 
 
 @stage
-def skip_deploy(accuracy: float, threshold: float) -> str:
-    reason = f"test accuracy {accuracy:.4f} is below the deploy threshold {threshold:.4f}"
-    _result(f"not deployed: {reason}")
-    return json.dumps({"deployed": False, "reason": reason, "test_accuracy": accuracy})
+def skip_deploy(decision: str) -> str:
+    _result(f"not deployed: {decision}")
+    return json.dumps({"deployed": False, "reason": decision})
+
+
+@stage
+def monitor(store: str, endpoint: str, reference: str, split: str, since: str, psi_threshold: float,
+            min_records: int, report: Any, report_markdown: Any, summary: Any) -> tuple[bool, str]:
+    from bincount.config import MonitorConfig
+    from bincount.rollout.monitor import monitor as drift_report
+
+    result = drift_report(MonitorConfig(store=store, endpoint=endpoint, reference=reference, split=split, since=since,
+                                        psi_threshold=psi_threshold, min_records=min_records))
+    _fetch(open_store(result.uri), {Path(report.path): "report.html", Path(report_markdown.path): "report.md"})
+    summary.log_metric("records", result.records)
+    for c in result.comparisons:
+        if c.psi is not None:
+            summary.log_metric(f"psi_{re.sub(r'[^a-z0-9]+', '_', c.name.lower())}", c.psi)
+    for artifact in (report, report_markdown, summary):
+        artifact.metadata.update(store=store, endpoint=endpoint, uri=result.uri)
+    print(result.line(), flush=True)
+    drifted = ", ".join(f"{c.name} PSI {c.psi:.3f} > {c.threshold:g}" for c in result.drifted)
+    _result(f"drift in {drifted}" if drifted else f"no drift in {result.records} prediction(s)")
+    return bool(result.drifted), (f"endpoint {endpoint} drifted: {drifted}; report {result.uri}/report.html"
+                                  if drifted else "no drift")
+
+
+@stage
+def drift_alert(decision: str) -> None:
+    raise BincountError(decision)
 
 
 @stage

@@ -221,6 +221,11 @@ def _missing(location: str) -> BincountError:
     return BincountError(f"no exported model at {location} (expected {META_FILE} and {MODEL_FILE})")
 
 
+def model_version(location: str, meta: dict[str, Any]) -> str:
+    """A model's name in answers, logs and reports: its training run, else its directory's name."""
+    return (meta.get("config") or {}).get("run") or location.rstrip("/").rsplit("/", 1)[-1]
+
+
 def resolve_location(location: str, store: str | None) -> str:
     """A model directory or URI as given; a run name (`RUN`) or `models/RUN` relative to the store."""
     if store and "://" not in location and not Path(location).is_dir():

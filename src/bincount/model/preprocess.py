@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,8 +34,20 @@ class ImageError(BincountError):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class Photo:
+    square: torch.Tensor                        # uint8 RGB [3, size, size], the model's input
+    width: int                                  # of the photo as sent
+    height: int
+
+
 def read_image(data: bytes, size: int, max_pixels: int | None = None) -> torch.Tensor:
     """uint8 RGB tensor [3, size, size]."""
+    return read_photo(data, size, max_pixels).square
+
+
+def read_photo(data: bytes, size: int, max_pixels: int | None = None) -> Photo:
+    """The model's input square and the photo's own size."""
     if not data:
         raise ImageError("empty", "the image is empty")
     try:
@@ -58,7 +71,7 @@ def read_image(data: bytes, size: int, max_pixels: int | None = None) -> torch.T
             rgb = np.array(image.convert("RGB"))
         except CORRUPT as e:
             raise ImageError("corrupt", f"the {image.format} image is truncated or corrupt ({e})") from None
-    return resize(torch.from_numpy(rgb).permute(2, 0, 1), size)
+    return Photo(resize(torch.from_numpy(rgb).permute(2, 0, 1), size), width, height)
 
 
 def _blocks(width: int, height: int) -> int:

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-import torch
-
-from bincount.model.preprocess import ImageError, read_image
+from bincount.model.preprocess import ImageError, Photo, read_photo
 from bincount.serve.errors import RequestError
 
 
-def decode_image(data: bytes, size: int, max_pixels: int, where: str) -> torch.Tensor:
-    """uint8 RGB tensor [3, size, size]; `where` names the instance in error messages."""
+def decode_image(data: bytes, size: int, max_pixels: int, where: str) -> Photo:
+    """The model's input square (uint8 RGB [3, size, size]) and the photo's size; `where` names the instance in
+    error messages."""
     try:
-        return read_image(data, size, max_pixels)
+        return read_photo(data, size, max_pixels)
     except ImageError as e:
         status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if e.reason == "too-large" else HTTPStatus.BAD_REQUEST
         raise RequestError(f"{where}: {e}", status) from None

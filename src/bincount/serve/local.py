@@ -47,13 +47,13 @@ class LocalServer:
 
 
 def start(cfg: ServeConfig, workdir: Path, timeout_s: float = 180) -> LocalServer:
-    """The server for `cfg` once its model answers ready; `cfg.port` 0 picks a free port. `workdir` receives
-    serve.yaml and serve.log."""
-    if cfg.port == 0:
-        cfg = dataclasses.replace(cfg, port=processes.free_port())
+    """The server for `cfg` once its model answers ready; `cfg.port` 0 keeps the port of the server it replaces
+    (a redeployed endpoint keeps its address), else picks a free one. `workdir` receives serve.yaml and serve.log."""
     workdir.mkdir(parents=True, exist_ok=True)
     config, log, pid_file = workdir / "serve.yaml", workdir / "serve.log", workdir / "serve.pid"
     _stop_previous(pid_file, config, timeout_s=30)
+    if cfg.port == 0:
+        cfg = dataclasses.replace(cfg, port=_previous_port(config) or processes.free_port())
     config.write_text(yaml.safe_dump(to_dict(cfg)))
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "serve", "--config", str(config)],
@@ -88,6 +88,15 @@ def _stop_previous(pid_file: Path, config: Path, timeout_s: float) -> None:
         time.sleep(0.1)
     if _running(pid):
         os.kill(pid, signal.SIGKILL)
+
+
+def _previous_port(config: Path) -> int | None:
+    """The port the workdir's last server listened on, if nothing listens there now."""
+    try:
+        port = int(yaml.safe_load(config.read_text())["port"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+    return port if processes.port_is_free(port) else None
 
 
 def _running(pid: int) -> bool:
