@@ -21,7 +21,7 @@ from serve_support import listening_addresses
 
 from bincount import cli
 from bincount.config import TRAINER_IMAGE, ClusterConfig
-from bincount.k8s.resources import S3_CREDENTIALS, store_settings
+from bincount.k8s.conventions import S3_CREDENTIALS, store_settings
 from bincount.kfp import stages
 from bincount.kfp.compile import AUDIT_PIPELINE_FILE, COMPONENTS_DIR, PIPELINE_FILE, compiled, drift
 from bincount.kfp.components import COMPONENTS

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bincount.backends import BACKENDS, get_backend
-from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, PrepareConfig, ServeConfig, ShardConfig,
-                             SyntheticConfig, TuneJob, load_config)
+from bincount.config import (TRAINING_APIS, AuditConfig, ClusterConfig, DownloadConfig, EdaConfig, EvaluateConfig,
+                             PrepareConfig, ServeConfig, ShardConfig, SyntheticConfig, TuneJob, load_config)
 from bincount.errors import BincountError, exit_status
 from bincount.train import entry as train_entry
 
@@ -106,19 +106,20 @@ def cmd_audit_worker(args: argparse.Namespace) -> None:
 def cmd_tune(args: argparse.Namespace) -> None:
     job = load_config(TuneJob, args.config, _options(
         args, "store", "dataset", "space", "experiment", "workdir", "timeout", "poll"))
-    result = get_backend(args.backend).tune(job)
+    result = get_backend(args.backend, ClusterConfig(training_api=args.training_api)).tune(job)
     print(result.table())
     print(result.summary())
 
 
 def cmd_tune_render(args: argparse.Namespace) -> None:
-    from bincount.config import ClusterConfig
     from bincount.k8s.manifests import DATASET, dump
+    from bincount.k8s.resources import as_dict
     from bincount.tune.space import load_space
 
     space = load_space(args.space)
-    print(dump([space.render(args.experiment or space.name, args.store or ClusterConfig().store,
-                             args.dataset or DATASET)]), end="")
+    cluster = ClusterConfig(training_api=args.training_api)
+    print(dump([as_dict(space.render(args.experiment or space.name, args.store or cluster.store,
+                                     args.dataset or DATASET, cluster))]), end="")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -201,8 +202,8 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> None:
                         help=f"namespace (Kubeflow profile) to run in (default {cluster.namespace})")
     parser.add_argument("--service-account", default=cluster.pipeline_service_account,
                         help=f"service account of the steps (default {cluster.pipeline_service_account}, "
-                             "which manifests/base allows to create PyTorchJobs, Experiments, InferenceServices "
-                             "and Jobs)")
+                             "which manifests/base allows to create PyTorchJobs, TrainJobs, Experiments, "
+                             "InferenceServices and Jobs)")
     options = vars(parser.parse_args(args.params))
     own = {k: options.pop(k) for k in ("host", "package", "pipeline", "experiment", "namespace", "service_account",
                                        "schedule")}
@@ -418,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=list(BACKENDS), default="local",
                    help="local: an optuna study running torchrun trials; kubernetes: a Katib Experiment")
     p.add_argument("--experiment", help="experiment name (default: the space's name); rerun it to resume")
+    p.add_argument("--training-api", choices=TRAINING_APIS, default=ClusterConfig.training_api,
+                   help="kubernetes: the trials' training job, pytorchjob (the default) or trainjob (Trainer v2)")
     p.add_argument("--workdir", help="local: the study's working copy and trial logs")
     p.add_argument("--timeout", type=float, help="kubernetes: seconds to follow the Experiment (default: to the end)")
     p.add_argument("--poll", type=float, help="kubernetes: seconds between status reads (default 10)")
@@ -428,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("--space", "search space YAML (default: the packaged tuning.yaml)"),
                             ("--experiment", "Experiment name (default: the space's name)"),
                             ("--store", "store the trials use (default: the cluster's MinIO, s3://bincount)"),
-                            ("--dataset", "dataset the trials train on (default: abid)")):
+                            ("--dataset", "dataset the trials train on (default: abid)"),
+                            ("--training-api", "the trials' training job: pytorchjob (the default) or trainjob")):
         r.add_argument(name, default=argparse.SUPPRESS, help=help_text)
     r.set_defaults(func=cmd_tune_render)
 

@@ -14,7 +14,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Metrics, Model
 
 from bincount.config import ABID_BUCKET, ClusterConfig
-from bincount.k8s.resources import S3_CREDENTIALS, store_settings
+from bincount.k8s.conventions import S3_CREDENTIALS, store_settings
 from bincount.kfp import components as c
 
 NAME = "bin-counting"
