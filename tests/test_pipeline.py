@@ -98,6 +98,15 @@ def test_steps_get_the_store_settings_from_the_platform_manifests():
         "resources"]
 
 
+def test_the_training_api_reaches_the_tune_and_train_steps():
+    """One pipeline parameter picks PyTorchJobs or TrainJobs for the training job and the Katib trials alike."""
+    spec = next(yaml.safe_load_all((REPO / PIPELINE_FILE).read_text()))
+    assert spec["root"]["inputDefinitions"]["parameters"]["training_api"]["defaultValue"] == "pytorchjob"
+    for step in ("tune", "train"):
+        assert spec["root"]["dag"]["tasks"][step]["inputs"]["parameters"]["training_api"] == {
+            "componentInputParameter": "training_api"}
+
+
 def test_deploy_is_conditional_on_the_test_accuracy():
     spec = next(yaml.safe_load_all((REPO / PIPELINE_FILE).read_text()))
     assert spec["root"]["dag"]["tasks"]["condition-branches-1"]["dependentTasks"] == ["evaluate", "train"]

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from k8s_validation import CRDS
 
+from bincount import cli
 from bincount.config import ClusterConfig, JobResources
 from bincount.errors import ConfigError
 from bincount.k8s.launch import Cluster, Forbidden, JobFailed, LaunchError, LaunchTimeout, NotFound, NotInstalled
@@ -247,3 +248,31 @@ def test_a_trainjob_needs_its_runtime_and_a_torch_one(api, trainer_world):
         TrainJobs(cluster).run(job, timeout=10, **FAST)
     assert api.created == []
 
+
+def test_cli_trains_on_the_cluster_and_a_failed_trainjob_is_one_line(api, trainer_world, tmp_path, monkeypatch,
+                                                                       capsys):
+    config = tmp_path / "kubeconfig"
+    config.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "stub",
+        "clusters": [{"name": "stub", "cluster": {"server": api.url}}],
+        "contexts": [{"name": "stub", "context": {"cluster": "stub", "user": "stub"}}],
+        "users": [{"name": "stub", "user": {"token": "not-a-secret"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(config))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    api.script("trainjobs", "bc-run", [{"conditions": [condition("Failed", "node-0 exited 1", "FailedJobs")]}])
+    argv = ["train", "--store", "s3://bincount", "--dataset", "abid", "--run", "bc-run", "--epochs", "3",
+            "--backend", "kubernetes", "--training-api", "trainjob", "--nodes", "2", "--poll", "0.01"]
+
+    assert cli.main(argv) == 1
+
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "bincount: error: TrainJob bc-run failed: node-0 exited 1 (FailedJobs)"
+    [created] = api.created
+    assert created["kind"] == "TrainJob" and created["spec"]["trainer"]["numNodes"] == 2
+    assert created["spec"]["trainer"]["args"] == ["--store", "s3://bincount", "--dataset", "abid", "--run-id",
+                                                  "bc-run", "--set", "epochs=3"]
+
+    assert cli.main(["train", "--store", "s3://bincount", "--dataset", "abid", "--run", "r", "--nodes", "2"]) == 1
+    assert capsys.readouterr().err == ("bincount: error: --nodes size a cluster's training job: add --backend "
+                                       "kubernetes, or run this command under torchrun for several processes here\n")

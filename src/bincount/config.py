@@ -455,6 +455,13 @@ class JobResources:
             raise ConfigError(f"shm_size {self.shm_size} must stay below memory_limit {self.memory_limit}: "
                               "a memory-backed /dev/shm counts against the container's memory")
 
+    @classmethod
+    def sized(cls, workers: int, gpus_per_worker: int, procs_per_worker: int = 0) -> JobResources:
+        """The default sizes for `workers` pods of `gpus_per_worker` GPUs; `procs_per_worker` 0 means one process
+        per GPU, or one on a CPU-only worker."""
+        return cls(workers=workers, procs_per_worker=procs_per_worker or max(1, gpus_per_worker),
+                   gpus_per_worker=gpus_per_worker)
+
     @property
     def world_size(self) -> int:
         return self.workers * self.procs_per_worker
