@@ -249,17 +249,7 @@ def test_a_trainjob_needs_its_runtime_and_a_torch_one(api, trainer_world):
     assert api.created == []
 
 
-def test_cli_trains_on_the_cluster_and_a_failed_trainjob_is_one_line(api, trainer_world, tmp_path, monkeypatch,
-                                                                       capsys):
-    config = tmp_path / "kubeconfig"
-    config.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "stub",
-        "clusters": [{"name": "stub", "cluster": {"server": api.url}}],
-        "contexts": [{"name": "stub", "context": {"cluster": "stub", "user": "stub"}}],
-        "users": [{"name": "stub", "user": {"token": "not-a-secret"}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(config))
-    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(config))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+def test_cli_trains_on_the_cluster_and_a_failed_trainjob_is_one_line(api, trainer_world, kubeconfig, capsys):
     api.script("trainjobs", "bc-run", [{"conditions": [condition("Failed", "node-0 exited 1", "FailedJobs")]}])
     argv = ["train", "--store", "s3://bincount", "--dataset", "abid", "--run", "bc-run", "--epochs", "3",
             "--backend", "kubernetes", "--training-api", "trainjob", "--nodes", "2", "--poll", "0.01"]

@@ -170,17 +170,7 @@ def test_the_cluster_backend_needs_a_store_the_pods_reach(cluster, tmp_path):
         run_katib(TuneJob(store=str(tmp_path), dataset="abid"), cluster)
 
 
-def test_cli_runs_the_kubernetes_backend_from_a_kubeconfig(api, store, tmp_path, monkeypatch, capsys):
-    config = tmp_path / "kubeconfig"
-    config.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "stub",
-        "clusters": [{"name": "stub", "cluster": {"server": api.url}}],
-        "contexts": [{"name": "stub", "context": {"cluster": "stub", "user": "stub"}}],
-        "users": [{"name": "stub", "user": {"token": "not-a-secret"}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(config))
-    # the kubernetes client reads $KUBECONFIG once, when it is imported
-    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(config))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+def test_cli_runs_the_kubernetes_backend_from_a_kubeconfig(api, store, kubeconfig, capsys):
     argv = ["tune", "--store", store, "--dataset", "abid", "--backend", "kubernetes", "--poll", "0.01"]
     api.forbidden = True
     assert cli.main(argv) == 1
