@@ -154,6 +154,24 @@ def api():
 
 
 @pytest.fixture
+def kubeconfig(api, tmp_path, monkeypatch) -> Path:
+    """A kubeconfig whose context is the stub API server, found the way the CLI finds one ($KUBECONFIG)."""
+    import yaml
+
+    config = tmp_path / "kubeconfig"
+    config.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "stub",
+        "clusters": [{"name": "stub", "cluster": {"server": api.url}}],
+        "contexts": [{"name": "stub", "context": {"cluster": "stub", "user": "stub"}}],
+        "users": [{"name": "stub", "user": {"token": "not-a-secret"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    # the kubernetes client reads $KUBECONFIG once, when it is imported
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(config))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    return config
+
+
+@pytest.fixture
 def cluster(api):
     from bincount.config import ClusterConfig
     from bincount.k8s.launch import Cluster

@@ -1,10 +1,12 @@
 """STUB Kubernetes API server: the one stub this project's tests allow (a test helper, not a fixture file).
 
-No control plane can run here, so the launchers (bincount.k8s.launch) talk through the real `kubernetes` client to
-this small HTTP server on 127.0.0.1. It answers only what they use: API discovery, custom-object create / get /
-replace / delete, pod lists and pod logs, with the API server's status codes and Status bodies. Each object's `status` is
-scripted by the test (every GET moves to the next one). The resources the tests create are the real builders'
-output; their validity is checked elsewhere against the real CRDs.
+No control plane can run here, so the launchers (bincount.k8s.launch and .training_jobs) and the serving backend
+talk through the real `kubernetes` client, and through Kubeflow's own clients (the Training SDK's TrainingClient, the
+kubeflow SDK's TrainerClient), to this small HTTP server on 127.0.0.1. It answers only what they use: API
+discovery, namespaced and cluster-scoped custom-object create / get / list / replace / delete, pod lists (equality
+and `in (...)` label selectors), pod logs and config maps, with the API server's status codes and Status bodies.
+Each object's `status` is scripted by the test (every GET moves to the next one). The resources the tests create
+are the real builders' output; their validity is checked elsewhere against the real CRDs.
 """
 
 from __future__ import annotations
@@ -23,12 +25,21 @@ SERVED = {
     "kubeflow.org/v1beta1": {"experiments": "Experiment", "trials": "Trial"},
     "serving.kserve.io/v1beta1": {"inferenceservices": "InferenceService"},
     "batch/v1": {"jobs": "Job"},
+    "trainer.kubeflow.org/v1alpha1": {"trainjobs": "TrainJob", "trainingruntimes": "TrainingRuntime",
+                                      "clustertrainingruntimes": "ClusterTrainingRuntime"},
 }
+CLUSTER_SCOPED = {"clustertrainingruntimes"}
+CREATED_AT = "2026-01-01T00:00:00Z"
+# What a Kubeflow Trainer install publishes, and the TrainerClient reads when it starts.
+TRAINER_VERSION = ("kubeflow-system", "kubeflow-trainer-public", {"kubeflow_trainer_version": "v2.3.0"})
 CUSTOM = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
                     r"(?:/(?P<name>[^/]+))?$")
+CLUSTER_CUSTOM = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?$")
 DISCOVERY = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)$")
 PODS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods$")
 LOG = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/log$")
+CONFIG_MAP = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/configmaps/(?P<name>[^/]+)$")
+SET_TERM = re.compile(r"^\s*(?P<key>[^\s=!]+)\s+in\s+\((?P<values>[^)]*)\)\s*$")
 
 
 class StubKubeAPI:
@@ -40,10 +51,13 @@ class StubKubeAPI:
         self.statuses: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.pods: list[dict[str, Any]] = []
         self.logs: dict[str, str] = {}
+        namespace, name, data = TRAINER_VERSION
+        self.config_maps: dict[tuple[str, str], dict[str, str]] = {(namespace, name): dict(data)}
         self.forbidden = False
         self.created: list[dict[str, Any]] = []
         self.replaced: list[dict[str, Any]] = []             # PUT bodies: a spec replaced, as `kubectl replace`
         self.versions = 0                                    # the last resourceVersion handed out
+        self.deleted: list[tuple[str, str, dict[str, Any] | None]] = []       # plural, name, DeleteOptions
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.stub = self
@@ -75,22 +89,42 @@ class StubKubeAPI:
         self.statuses[(plural, name)] = list(statuses)
 
     def add(self, body: dict[str, Any]) -> None:
-        """An object the cluster already has (for instance the trials Katib created)."""
-        self.objects[(body["kind"].lower() + "s", body["metadata"]["name"])] = body
+        """An object the cluster already has (for instance the trials Katib created, or Trainer's runtimes)."""
+        self.versions += 1
+        self.objects[(body["kind"].lower() + "s", body["metadata"]["name"])] = _created(body, self.versions)
 
     def add_pod(self, name: str, labels: dict[str, str], phase: str = "Running", log: str = "",
                 container_statuses: list[dict[str, Any]] | None = None,
-                conditions: list[dict[str, Any]] | None = None) -> None:
+                conditions: list[dict[str, Any]] | None = None, container: str = "pytorch") -> None:
         self.pods.append({"metadata": {"name": name, "namespace": "bincount", "labels": labels,
                                        "creationTimestamp": f"2026-01-01T00:00:{len(self.pods):02d}Z"},
-                          "status": {"phase": phase, "containerStatuses": container_statuses or [],
-                                     "conditions": conditions or []}})
+                          "spec": {"containers": [{"name": container, "image": "ghcr.io/bincount/trainer:0.1.0"}]},
+                          "status": {"phase": phase, "conditions": conditions or [],
+                                     # with the fields a kubelet always reports (the clients' models require them)
+                                     "containerStatuses": [{"ready": False, "restartCount": 0, "imageID": "", **c}
+                                                           for c in container_statuses or []]}})
         self.logs[name] = log
 
 
-def _selector(text: str) -> dict[str, str]:
-    """Equality-based label selectors (`a=b,c=d`), the only kind the launchers send."""
-    return dict(term.split("=", 1) for term in text.split(",") if term)
+def _created(body: dict[str, Any], version: int) -> dict[str, Any]:
+    """What the API server adds to every object it stores: a uid, the creation time and a resourceVersion."""
+    metadata = {"uid": f"uid-{body['metadata']['name']}", "creationTimestamp": CREATED_AT, **body["metadata"],
+                "resourceVersion": str(version)}
+    return {**body, "metadata": metadata}
+
+
+def _matches(selector: str, labels: dict[str, str]) -> bool:
+    """Label selectors as the clients send them: `a=b,c=d` and `key in (x, y)` terms, comma-separated."""
+    terms = re.findall(r"[^,(]+(?:\([^)]*\))?", selector)
+    for term in (t.strip() for t in terms if t.strip()):
+        if m := SET_TERM.match(term):
+            if labels.get(m["key"]) not in {v.strip() for v in m["values"].split(",")}:
+                return False
+        else:
+            key, _, value = term.partition("=")
+            if labels.get(key) != value:
+                return False
+    return True
 
 
 def _status(code: int, message: str, reason: str) -> dict[str, Any]:
@@ -120,6 +154,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._route("PUT")
 
+    def _verb(self, method: str, name: str | None) -> str:
+        return {"POST": "create", "GET": "get" if name else "list", "PUT": "update", "DELETE": "delete"}[method]
+
     def _send(self, code: int, body: Any, content_type: str = "application/json") -> None:
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.send_response(code)
@@ -141,10 +178,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._discovery(f"{m['group']}/{m['version']}")
             if m := CUSTOM.match(url.path):
                 return self._custom(method, m, body, query)
+            if (m := CLUSTER_CUSTOM.match(url.path)) and m["plural"] in CLUSTER_SCOPED:
+                return self._custom(method, m, body, query)
             if method == "GET" and (m := PODS.match(url.path)):
                 return self._pods(query.get("labelSelector", ""))
             if method == "GET" and (m := LOG.match(url.path)):
                 return self._log(m["name"], query)
+            if method == "GET" and (m := CONFIG_MAP.match(url.path)):
+                return self._config_map(m["ns"], m["name"])
         self._not_found()
 
     def _discovery(self, group_version: str) -> None:
@@ -161,18 +202,17 @@ class _Handler(BaseHTTPRequestHandler):
         if plural not in self.stub.served.get(f"{group}/{version}", {}):
             return self._not_found()
         if self.stub.forbidden:
-            verb = {"POST": "create", "GET": "get" if name else "list", "PUT": "update", "DELETE": "delete"}[method]
+            where = f' in the namespace "{m["ns"]}"' if "ns" in m.groupdict() else " at the cluster scope"
             return self._send(403, _status(
-                403, f'{plural}.{group} is forbidden: User "system:serviceaccount:bincount:default" cannot {verb} '
-                     f'resource "{plural}" in API group "{group}" in the namespace "{m["ns"]}"', "Forbidden"))
+                403, f'{plural}.{group} is forbidden: User "system:serviceaccount:bincount:default" cannot '
+                     f'{self._verb(method, name)} resource "{plural}" in API group "{group}"{where}', "Forbidden"))
         if method == "POST":
             key = (plural, body["metadata"]["name"])
             if key in self.stub.objects:
                 return self._send(409, _status(409, f'{plural}.{group} "{key[1]}" already exists', "AlreadyExists"))
             self.stub.created.append(json.loads(json.dumps(body)))
             self.stub.versions += 1
-            self.stub.objects[key] = {**body, "metadata": {**body["metadata"], "uid": f"uid-{len(self.stub.created)}",
-                                                           "resourceVersion": str(self.stub.versions)}}
+            self.stub.objects[key] = _created(body, self.stub.versions)
             return self._send(201, self.stub.objects[key])
         if method == "PUT":
             key = (plural, name)
@@ -185,27 +225,35 @@ class _Handler(BaseHTTPRequestHandler):
             self.stub.replaced.append(json.loads(json.dumps(body)))
             self.stub.versions += 1
             self.stub.objects[key] = {**body, "metadata": {**body["metadata"], "uid": current["uid"],
+                                                           "creationTimestamp": current["creationTimestamp"],
                                                            "resourceVersion": str(self.stub.versions)}}
             return self._send(200, self.stub.objects[key])
         if name is None:
-            wanted = _selector(query.get("labelSelector", ""))
+            selector = query.get("labelSelector", "")
             items = [o for (p, _), o in self.stub.objects.items()
-                     if p == plural and wanted.items() <= (o["metadata"].get("labels") or {}).items()]
+                     if p == plural and _matches(selector, o["metadata"].get("labels") or {})]
             return self._send(200, {"kind": "List", "apiVersion": f"{group}/{version}", "items": items})
         key = (plural, name)
         if key not in self.stub.objects:
             return self._send(404, _status(404, f'{plural}.{group} "{name}" not found', "NotFound"))
         if method == "DELETE":
             del self.stub.objects[key]
+            self.stub.deleted.append((plural, name, body))
             return self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
         script = self.stub.statuses.get(key) or [{}]
         status = script.pop(0) if len(script) > 1 else script[0]
         self._send(200, {**self.stub.objects[key], "status": status})
 
     def _pods(self, selector: str) -> None:
-        wanted = _selector(selector)
-        items = [p for p in self.stub.pods if wanted.items() <= p["metadata"]["labels"].items()]
+        items = [p for p in self.stub.pods if _matches(selector, p["metadata"]["labels"])]
         self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+
+    def _config_map(self, namespace: str, name: str) -> None:
+        data = self.stub.config_maps.get((namespace, name))
+        if data is None:
+            return self._send(404, _status(404, f'configmaps "{name}" not found', "NotFound"))
+        self._send(200, {"kind": "ConfigMap", "apiVersion": "v1",
+                         "metadata": {"name": name, "namespace": namespace}, "data": data})
 
     def _log(self, pod: str, query: dict[str, str]) -> None:
         if pod not in self.stub.logs:

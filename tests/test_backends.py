@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
+from k8s_validation import CRDS
 
 from bincount.backends import (Endpoint, KubernetesBackend, LocalBackend, TrainOutcome, get_backend,
                                train_args)
-from bincount.config import JobResources, ServeConfig, ServeJob, TrainConfig, TrainJob
+from bincount.config import ClusterConfig, JobResources, ServeConfig, ServeJob, TrainConfig, TrainJob
 from bincount.errors import BincountError, ConfigError
-from bincount.k8s.launch import INFERENCE_SERVICE, JobFailed
-from bincount.k8s.resources import pytorchjob
+from bincount.k8s.launch import INFERENCE_SERVICE, Cluster, JobFailed
+from bincount.k8s.resources import as_dict
+from bincount.k8s.training import pytorchjob, trainjob
 from bincount.store import open_store
 from bincount.train import entry
 from training_data import make_store, tiny_config
@@ -55,6 +58,7 @@ def test_a_default_config_renders_only_where_to_train():
 def test_unknown_backend_names_the_choices():
     assert isinstance(get_backend("local"), LocalBackend)
     assert isinstance(get_backend("kubernetes"), KubernetesBackend)
+    assert get_backend("kubernetes", ClusterConfig(training_api="trainjob")).config.training_api == "trainjob"
     with pytest.raises(ConfigError, match=r"unknown backend 'nope'; choose one of: local, kubernetes"):
         get_backend("nope")
 
@@ -105,10 +109,32 @@ def test_kubernetes_backend_trains_in_a_pytorchjob_and_reads_the_exported_metric
     outcome = KubernetesBackend(cluster).train(TrainJob(cfg, resources, **FAST_JOB))
 
     assert outcome == TrainOutcome(RUN, f"{s3_store}/models/{RUN}", METRICS)
-    assert api.created == [pytorchjob(RUN, train_args(cfg), resources, cluster.config)]
+    assert api.created == [as_dict(pytorchjob(RUN, train_args(cfg), resources, cluster.config))]
     out, err = capsys.readouterr()
     assert out.splitlines() == ["epoch=1 val_accuracy=0.40", "epoch=2 val_accuracy=0.55"]
     assert f"PyTorchJob {RUN}: Succeeded" in err
+
+
+@pytest.mark.skipif(not (CRDS / "runtimes").is_dir(), reason=f"the shared CRDs are not at {CRDS}")
+def test_kubernetes_backend_trains_in_a_trainjob_when_the_cluster_runs_trainer_v2(api, s3_store, capsys):
+    cfg = TrainConfig(store=s3_store, dataset="abid", run=RUN, epochs=2, lr=0.01)
+    resources = JobResources(workers=2, cpu_request="1", cpu_limit="2")
+    cluster = Cluster(api.client(), ClusterConfig(training_api="trainjob"))
+    api.add(yaml.safe_load((CRDS / "runtimes" / "torch-distributed.yaml").read_text()))
+    open_store(s3_store).put_text(f"models/{RUN}/model.json", json.dumps({"metrics": METRICS}))
+    api.script("trainjobs", RUN, [{"conditions": [{"type": "Complete", "status": "True", "reason": "JobsCompleted",
+                                                    "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}])
+    rank0 = {"jobset.sigs.k8s.io/jobset-name": RUN, "jobset.sigs.k8s.io/replicatedjob-name": "node",
+             "batch.kubernetes.io/job-completion-index": "0"}
+    api.add_pod(f"{RUN}-node-0-0-x7k2q", rank0, "Succeeded", "epoch=1 val_accuracy=0.40\n", container="node")
+
+    outcome = KubernetesBackend(cluster).train(TrainJob(cfg, resources, **FAST_JOB))
+
+    assert outcome == TrainOutcome(RUN, f"{s3_store}/models/{RUN}", METRICS)
+    assert api.created == [as_dict(trainjob(RUN, train_args(cfg), resources, cluster.config))]
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["epoch=1 val_accuracy=0.40"]
+    assert f"TrainJob {RUN}: Complete (node-0 Succeeded)" in err
 
 
 def test_kubernetes_backend_reports_a_failed_job_and_a_missing_export(api, cluster, s3_store):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -72,3 +74,25 @@ def test_every_declared_dependency_is_imported():
     imported = set().union(*(imports(p) for p in sources())) | {spec.module for _, spec in LITE.values()}
     unused = [n for n in names if n not in INDIRECT and not provided_modules(n) & imported]
     assert unused == [], "declared in pyproject.toml, imported nowhere in src/: drop them or use them"
+
+
+CLUSTER_SDKS = ("kubernetes", "kubeflow", "kubeflow_trainer_api", "kubeflow_katib_api", "pydantic")
+BLOCKING = f"""
+import sys
+
+class Blocked:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] in {CLUSTER_SDKS!r}:
+            raise ImportError("the cluster extra is not installed: no " + name)
+
+sys.meta_path.insert(0, Blocked)
+import bincount.cli, bincount.backends, bincount.tune.local, bincount.tune.space, bincount.kfp.stages
+bincount.tune.space.load_space()
+"""
+
+
+def test_the_cli_and_the_local_backend_load_without_the_cluster_extra():
+    """The cluster SDKs load where a cluster is used: `bincount` and local training and tuning work without them."""
+    done = subprocess.run([sys.executable, "-c", BLOCKING], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

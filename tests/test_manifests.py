@@ -25,8 +25,10 @@ from bincount import cli
 from bincount.config import SERVING_IMAGE, TRAINER_IMAGE, ClusterConfig, JobResources
 from bincount.errors import ConfigError
 from bincount.k8s import manifests
-from bincount.k8s.resources import (METRICS_FORMAT, ExperimentSpec, SearchParameter, experiment, pytorchjob,
-                                    pytorchjob_spec)
+from bincount.k8s.conventions import METRICS_FORMAT
+from bincount.k8s.experiment import ExperimentSpec, SearchParameter, experiment
+from bincount.k8s.resources import as_dict
+from bincount.k8s.training import pytorchjob, pytorchjob_spec
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
@@ -34,6 +36,10 @@ DOCKERFILES = [REPO / "images" / "trainer" / "Dockerfile", REPO / "images" / "se
 CLUSTER = ClusterConfig()
 KUSTOMIZATIONS = sorted(rel.rsplit("/", 1)[0] for rel in manifests.render() if rel.endswith("/kustomization.yaml"))
 OVERLAYS = [name for name in manifests.profiles(CLUSTER) if name != "default"]
+# overlays whose S3 credentials come from the user's own (git-ignored) env file
+OWN_CREDENTIALS = [name for name, profile in manifests.profiles(CLUSTER).items()
+                   if name != "default" and not profile.dev_credentials]
+TRAINING_KINDS = ("PyTorchJob", "TrainJob")
 STAGES = ("training", "tuning", "serving", "audit", "monitor")
 
 pytestmark = pytest.mark.skipif(not CRDS.is_dir(), reason=f"the shared CRDs are not at {CRDS}")
@@ -54,11 +60,12 @@ def tool(name: str, env: str | None = None) -> str:
 
 @pytest.fixture(scope="session")
 def tree(tmp_path_factory) -> Path:
-    """A fresh render, with the git-ignored credentials file a gpu user would create."""
+    """A fresh render, with the git-ignored credentials file a user of the gpu or trainer-v2 overlay would create."""
     out = tmp_path_factory.mktemp("manifests")
     manifests.write(out)
-    (out / "overlays/gpu" / manifests.CREDENTIALS_FILE).write_text(
-        f"AWS_ACCESS_KEY_ID=bincount\nAWS_SECRET_ACCESS_KEY={secrets.token_urlsafe(24)}\n")
+    for overlay in OWN_CREDENTIALS:
+        (out / "overlays" / overlay / manifests.CREDENTIALS_FILE).write_text(
+            f"AWS_ACCESS_KEY_ID=bincount\nAWS_SECRET_ACCESS_KEY={secrets.token_urlsafe(24)}\n")
     return out
 
 
@@ -82,13 +89,31 @@ def objects(kustomized, kind=None):
     return [o for docs in kustomized.values() for o in docs if kind is None or o["kind"] == kind]
 
 
+def trainjob_pod(trainjob: dict) -> dict:
+    """The pod a TrainJob's node runs, as far as the TrainJob says: its runtime patch's pod spec, with the node
+    container patch completed by the trainer's image, command, args, env and resources."""
+    spec = trainjob["spec"]
+    [node] = [job for patch in spec["runtimePatches"]
+              for job in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"] if job["name"] == "node"]
+    pod = copy.deepcopy(node["template"]["spec"]["template"]["spec"])
+    trainer = spec["trainer"]
+    for container in pod["containers"]:
+        if container["name"] == "node":
+            container.update({k: trainer[k] for k in ("image", "command", "args", "env")},
+                             resources=trainer["resourcesPerNode"])
+    return pod
+
+
 def pod_specs(obj: dict) -> list[dict]:
-    """Every pod spec inside an object: workload templates, PyTorchJob replicas (also in Katib trials), KServe."""
+    """Every pod spec inside an object: workload templates, PyTorchJob replicas and TrainJob nodes (also in Katib
+    trials), KServe."""
     spec = obj.get("spec") or {}
     if obj["kind"] == "Experiment":
         return pod_specs(spec["trialTemplate"]["trialSpec"])
     if obj["kind"] == "PyTorchJob":
         return [r["template"]["spec"] for r in spec["pytorchReplicaSpecs"].values()]
+    if obj["kind"] == "TrainJob":
+        return [trainjob_pod(obj)]
     if obj["kind"] == "InferenceService":
         return [spec["predictor"]]
     if obj["kind"] == "CronJob":
@@ -153,12 +178,17 @@ def test_every_rendered_object_is_valid_against_the_real_schemas(kustomized, val
     problems = [e for o in checked for e in validator.errors(o)]
     assert problems == []
     kinds = {o["kind"] for o in checked}
-    assert {"PyTorchJob", "Experiment", "InferenceService", "Namespace", "Deployment", "Job", "CronJob", "Secret",
+    trials = {o["spec"]["trialTemplate"]["trialSpec"]["kind"] for o in objects(kustomized, "Experiment")}
+    assert trials == set(TRAINING_KINDS)
+    assert {*TRAINING_KINDS, "Experiment", "InferenceService", "Namespace", "Deployment", "Job", "CronJob", "Secret",
             "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "PersistentVolumeClaim", "Service"} <= kinds
 
 
 @pytest.mark.parametrize("kind, plant, typo", [
     ("PyTorchJob", lambda o: pod_specs(o)[0]["containers"][0].update(comand=["torchrun"]), "comand"),
+    ("TrainJob", lambda o: o["spec"]["trainer"].update(numProcsPerNode=2), "numProcsPerNode"),
+    ("TrainJob", lambda o: o["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]
+     ["replicatedJobs"][0]["template"]["spec"]["template"]["spec"].update(volumeMount=[]), "volumeMount"),
     ("InferenceService", lambda o: o["spec"]["predictor"].update(storageURI="s3://bincount/models/x"), "storageURI"),
     ("Experiment", lambda o: o["spec"].update(maxTrialCont=3), "maxTrialCont"),
     ("Experiment", lambda o: pod_specs(o)[0]["containers"][0].update(comand=["torchrun"]), "comand"),
@@ -181,27 +211,56 @@ def test_an_unknown_kind_is_an_error_not_a_pass(validator):
 
 # --- semantic checks ----------------------------------------------------------------------------------------
 
+def training_jobs(kustomized) -> list[dict]:
+    """Every training job: the training stages' and the Katib trials' templates."""
+    return ([o for kind in TRAINING_KINDS for o in objects(kustomized, kind)]
+            + [o["spec"]["trialTemplate"]["trialSpec"] for o in objects(kustomized, "Experiment")])
+
+
 def test_operator_facing_container_names(kustomized):
-    for obj in objects(kustomized, "PyTorchJob") + objects(kustomized, "Experiment"):
-        for pod in pod_specs(obj):
-            assert [c["name"] for c in pod["containers"]] == ["pytorch"]
+    """The Training Operator runs the container `pytorch`, Trainer's torch runtime the container `node`; Katib
+    collects the metrics of the primary container on rank 0's pod."""
+    container = {"PyTorchJob": "pytorch", "TrainJob": "node"}
+    rank0 = {"PyTorchJob": {"training.kubeflow.org/job-role": "master"},
+             "TrainJob": {"jobset.sigs.k8s.io/replicatedjob-name": "node",
+                          "batch.kubernetes.io/job-completion-index": "0"}}
+    for job in training_jobs(kustomized):
+        for pod in pod_specs(job):
+            assert [c["name"] for c in pod["containers"]] == [container[job["kind"]]]
     for obj in objects(kustomized, "Experiment"):
-        assert obj["spec"]["trialTemplate"]["primaryContainerName"] == "pytorch"
+        template = obj["spec"]["trialTemplate"]
+        assert template["primaryContainerName"] == container[template["trialSpec"]["kind"]]
+        assert template["primaryPodLabels"] == rank0[template["trialSpec"]["kind"]]
     for obj in objects(kustomized, "InferenceService"):
         assert [c["name"] for c in obj["spec"]["predictor"]["containers"]] == ["kserve-container"]
 
 
-def test_trainer_pods_have_shared_memory_and_restart_on_failure(kustomized):
-    for obj in objects(kustomized, "PyTorchJob") + objects(kustomized, "Experiment"):
-        job = obj["spec"]["trialTemplate"]["trialSpec"] if obj["kind"] == "Experiment" else obj
+def test_trainer_pods_have_shared_memory_and_read_the_store_keys_from_files(kustomized):
+    jobs = training_jobs(kustomized)
+    assert {j["kind"] for j in jobs} == set(TRAINING_KINDS)
+    for job in jobs:
+        for pod in pod_specs(job):
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+            assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+            assert volumes[mounts["/etc/bincount/s3"]]["secret"]["secretName"] == CLUSTER.s3_secret
+            env = {e["name"]: e for e in pod["containers"][0]["env"]}
+            assert env["AWS_ACCESS_KEY_ID_FILE"]["value"] == "/etc/bincount/s3/AWS_ACCESS_KEY_ID"
+            assert env["AWS_SECRET_ACCESS_KEY_FILE"]["value"] == "/etc/bincount/s3/AWS_SECRET_ACCESS_KEY"
+            assert not [e for e in env.values() if "valueFrom" in e], "store keys come from files, not the env"
+
+
+def test_pytorchjobs_restart_on_failure_and_trainjobs_set_their_processes(kustomized):
+    """A TrainJob's restarts are its runtime's; its processes per node are set, never the runtime's `auto`."""
+    for job in training_jobs(kustomized):
+        if job["kind"] == "TrainJob":
+            assert isinstance(job["spec"]["trainer"]["numProcPerNode"], int)
+            assert job["spec"]["trainer"]["numNodes"] >= 1
+            continue
         assert set(job["spec"]["pytorchReplicaSpecs"]) <= {"Master", "Worker"}
         assert job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
         for replica in job["spec"]["pytorchReplicaSpecs"].values():
             assert replica["restartPolicy"] == "OnFailure"
-            pod = replica["template"]["spec"]
-            shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
-            assert shm["emptyDir"]["medium"] == "Memory"
-            assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
         assert job["spec"]["runPolicy"]["backoffLimit"] >= 1 and "cleanPodPolicy" in job["spec"]["runPolicy"]
 
 
@@ -316,10 +375,10 @@ def test_gpu_overlay_asks_for_gpus_and_dev_cpu_for_none(kustomized):
 
 def test_no_plaintext_secret_values_are_committed():
     on_disk = [p.relative_to(REPO).as_posix() for p in MANIFESTS.rglob("*") if p.is_file()]
+    own = [f"manifests/overlays/{overlay}/{manifests.CREDENTIALS_FILE}" for overlay in OWN_CREDENTIALS]
     ignored = subprocess.run(["git", "check-ignore", "--stdin"], cwd=REPO, capture_output=True, text=True,
-                             input="\n".join([*on_disk, f"manifests/overlays/gpu/{manifests.CREDENTIALS_FILE}"]))
-    assert f"manifests/overlays/gpu/{manifests.CREDENTIALS_FILE}" in ignored.stdout.split(), \
-        "the gpu overlay's credentials file must be git-ignored"
+                             input="\n".join([*on_disk, *own]))
+    assert own and set(own) <= set(ignored.stdout.split()), "an overlay's own credentials file must be git-ignored"
     committed = {rel.removeprefix("manifests/"): REPO / rel for rel in on_disk if rel not in ignored.stdout.split()}
     assert not [rel for rel in committed if rel.endswith(".env")], "credential files must stay uncommitted"
     for rel, path in committed.items():
@@ -342,8 +401,8 @@ def test_job_resources_render_the_pytorchjob_the_trial_and_torchrun_alike():
                              memory_request="16Gi", memory_limit="32Gi", shm_size="8Gi")
     spec = ExperimentSpec("t", "val_accuracy", (SearchParameter("lr", "double", "--lr", min="0.001", max="0.01"),),
                           ("--store", "s3://b", "--dataset", "d"), resources)
-    job = pytorchjob("j", ["--run", "j"], resources)["spec"]
-    trial = experiment(spec)["spec"]["trialTemplate"]["trialSpec"]["spec"]
+    job = as_dict(pytorchjob("j", ["--run", "j"], resources))["spec"]
+    trial = as_dict(experiment(spec))["spec"]["trialTemplate"]["trialSpec"]["spec"]
     argv = resources.torchrun_argv()
     assert argv[argv.index("--nproc_per_node") + 1] == job["nprocPerNode"] == trial["nprocPerNode"] == "2"
     assert argv[-2:] == ["-m", "bincount.train"] and argv[0] == sys.executable
@@ -372,9 +431,9 @@ def test_job_resources_reject_what_a_cluster_would_reject_later(fields, message)
 
 
 def test_the_pytorchjob_replicas_do_not_share_mutable_state():
-    spec = pytorchjob_spec(["--run", "r"], JobResources(workers=2), CLUSTER)["pytorchReplicaSpecs"]
-    spec["Master"]["template"]["spec"]["containers"][0]["args"].append("--oops")
-    assert spec["Worker"]["template"]["spec"]["containers"][0]["args"] == ["--run", "r"]
+    spec = pytorchjob_spec(["--run", "r"], JobResources(workers=2), CLUSTER).pytorch_replica_specs
+    spec["Master"].template.spec.containers[0].args.append("--oops")
+    assert spec["Worker"].template.spec.containers[0].args == ["--run", "r"]
 
 
 # --- the Katib experiment -----------------------------------------------------------------------------------
@@ -486,8 +545,8 @@ def test_checkov_finds_nothing_to_fix(checkov):
 def test_every_checkov_skip_is_justified_in_place(checkov):
     skipped = [c for r in checkov for c in r["results"]["skipped_checks"]]
     # Deliberate skips: no HEALTHCHECK in the batch trainer image (manifests/README.md says why), and the audit and
-    # monitor CronJobs name bincount's own image by tag (each rendered stage: base and two overlays).
-    assert sorted(c["check_id"] for c in skipped) == ["CKV_DOCKER_2"] + ["CKV_K8S_43"] * 6
+    # monitor CronJobs name bincount's own image by tag (each rendered stage: base and every overlay).
+    assert sorted(c["check_id"] for c in skipped) == ["CKV_DOCKER_2"] + ["CKV_K8S_43"] * 2 * (1 + len(OVERLAYS))
     assert [Path(c["file_path"]).parent.name for c in skipped if c["check_id"] == "CKV_DOCKER_2"] == ["trainer"]
     for check in skipped:
         assert len((check.get("check_result") or {}).get("suppress_comment", "").strip()) >= 30, check["check_id"]

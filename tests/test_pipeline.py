@@ -21,7 +21,7 @@ from serve_support import listening_addresses
 
 from bincount import cli
 from bincount.config import TRAINER_IMAGE, ClusterConfig
-from bincount.k8s.resources import S3_CREDENTIALS, store_settings
+from bincount.k8s.conventions import S3_CREDENTIALS, store_settings
 from bincount.kfp import stages
 from bincount.kfp.compile import AUDIT_PIPELINE_FILE, COMPONENTS_DIR, MONITOR_PIPELINE_FILE, PIPELINE_FILE, compiled, drift
 from bincount.kfp.components import COMPONENTS
@@ -98,6 +98,15 @@ def test_steps_get_the_store_settings_from_the_platform_manifests():
     assert config_map["metadata"]["name"] == cluster.store_config and config_map["data"] == store_settings(cluster)
     assert "store.yaml" in yaml.safe_load((REPO / "manifests" / "base" / "kustomization.yaml").read_text())[
         "resources"]
+
+
+def test_the_training_api_reaches_the_tune_and_train_steps():
+    """One pipeline parameter picks PyTorchJobs or TrainJobs for the training job and the Katib trials alike."""
+    spec = next(yaml.safe_load_all((REPO / PIPELINE_FILE).read_text()))
+    assert spec["root"]["inputDefinitions"]["parameters"]["training_api"]["defaultValue"] == "pytorchjob"
+    for step in ("tune", "train"):
+        assert spec["root"]["dag"]["tasks"][step]["inputs"]["parameters"]["training_api"] == {
+            "componentInputParameter": "training_api"}
 
 
 def test_deploy_is_conditional_on_the_gate():

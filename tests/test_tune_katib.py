@@ -17,6 +17,7 @@ from bincount import cli
 from bincount.config import TuneJob
 from bincount.errors import ConfigError
 from bincount.k8s.launch import Forbidden, JobFailed, NotInstalled
+from bincount.k8s.resources import as_dict
 from bincount.store import open_store
 from bincount.tune.katib import EXPERIMENT_LABEL, run_katib
 from bincount.tune.space import load_space
@@ -87,7 +88,7 @@ def test_the_served_trials_and_statuses_have_katibs_shape():
     validator = Validator()
     for obj in TRIALS:
         assert validator.errors(obj) == []
-    experiment = load_space().render(NAME, "s3://bincount", "abid")
+    experiment = as_dict(load_space().render(NAME, "s3://bincount", "abid"))
     del experiment["spec"]["trialTemplate"]["trialSpec"]      # checked in test_tune_space; here the statuses
     for status in (RUNNING, SUCCEEDED, FAILED):
         assert validator.errors({**experiment, "status": status}) == []
@@ -101,7 +102,7 @@ def test_experiment_is_created_followed_to_success_and_its_best_trial_written(ap
 
     result = run_katib(job(store), cluster, progress=lines.append)
 
-    assert api.created == [load_space().render(NAME, store, "abid")]
+    assert api.created == [as_dict(load_space().render(NAME, store, "abid"))]
     experiment_lines = [line for line in lines if line.startswith("Experiment ")]
     assert [line.split(": ", 1)[1].split(";")[0] for line in experiment_lines] == ["Created", "Running", "Succeeded"]
     assert (f"trial {BEST}: succeeded val_balanced_accuracy=0.61 [lr=0.0031, batch_size=64, arch=efficientnet_lite1]"
@@ -149,7 +150,7 @@ def test_missing_katib_and_forbidden_rbac_are_clear_errors(api, cluster, store):
 
 
 def test_an_existing_experiment_is_followed_only_if_it_is_the_same_search(api, cluster, store, tmp_path):
-    stored = load_space().render(NAME, store, "abid")
+    stored = as_dict(load_space().render(NAME, store, "abid"))
     for parameter in stored["spec"]["parameters"]:      # what Katib's defaulting webhook adds
         parameter["feasibleSpace"].setdefault("distribution", "uniform")
     api.add(stored)
@@ -169,17 +170,7 @@ def test_the_cluster_backend_needs_a_store_the_pods_reach(cluster, tmp_path):
         run_katib(TuneJob(store=str(tmp_path), dataset="abid"), cluster)
 
 
-def test_cli_runs_the_kubernetes_backend_from_a_kubeconfig(api, store, tmp_path, monkeypatch, capsys):
-    config = tmp_path / "kubeconfig"
-    config.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "stub",
-        "clusters": [{"name": "stub", "cluster": {"server": api.url}}],
-        "contexts": [{"name": "stub", "context": {"cluster": "stub", "user": "stub"}}],
-        "users": [{"name": "stub", "user": {"token": "not-a-secret"}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(config))
-    # the kubernetes client reads $KUBECONFIG once, when it is imported
-    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(config))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+def test_cli_runs_the_kubernetes_backend_from_a_kubeconfig(api, store, kubeconfig, capsys):
     argv = ["tune", "--store", store, "--dataset", "abid", "--backend", "kubernetes", "--poll", "0.01"]
     api.forbidden = True
     assert cli.main(argv) == 1

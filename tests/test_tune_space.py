@@ -18,7 +18,8 @@ from torch.distributed.run import get_args_parser
 from bincount import cli
 from bincount.config import ClusterConfig, JobResources, TuneJob, load_train_config
 from bincount.errors import ConfigError
-from bincount.k8s.resources import RUN_FLAG
+from bincount.k8s.conventions import RUN_FLAG
+from bincount.k8s.resources import as_dict
 from bincount.train import entry
 from bincount.train.loop import METRIC_KEYS, metric_line
 from bincount.tune import local
@@ -80,7 +81,7 @@ def validator() -> Validator:
 @pytest.mark.skipif(not CRDS.is_dir(), reason=f"the shared CRDs are not at {CRDS}")
 @pytest.mark.parametrize("space", [load_space(), full_space()], ids=["default", "full"])
 def test_rendered_experiment_is_valid_against_katib_and_pytorchjob_schemas_strictly(space, validator):
-    body = space.render("bincount-tune", "s3://bincount", "abid")
+    body = as_dict(space.render("bincount-tune", "s3://bincount", "abid"))
     assert validator.errors(body) == []
     typo = json.loads(json.dumps(body))
     typo["spec"]["parameters"][0]["feasibleSpace"]["maximum"] = "1"
@@ -108,7 +109,7 @@ def test_trial_command_reaches_the_trainer_as_the_local_trial_does(space, monkey
     """Katib's trial container, its trialParameters substituted, parsed by torchrun and then by the trainer's
     entry (what `-m bincount.train` runs), gives the trainer config of those values; the local twin runs the very
     same arguments."""
-    body = space.render("exp", "s3://bincount", "abid", ClusterConfig())
+    body = as_dict(space.render("exp", "s3://bincount", "abid", ClusterConfig()))
     template = body["spec"]["trialTemplate"]
     defined = {p["name"]: p["reference"] for p in template["trialParameters"]}
     used = set(TRIAL_PARAMETER.findall(json.dumps(template["trialSpec"])))
@@ -154,7 +155,7 @@ class _NotMain:
 
 def test_objective_and_metrics_format_match_the_trainers_metric_line():
     space = full_space()
-    body = space.render("exp", "s3://b", "d")
+    body = as_dict(space.render("exp", "s3://b", "d"))
     objective = body["spec"]["objective"]
     assert objective["objectiveMetricName"] in METRIC_KEYS
     assert set(objective["additionalMetricNames"]) <= set(METRIC_KEYS)
@@ -184,14 +185,22 @@ def test_tune_render_prints_the_committed_experiment_and_takes_a_space(tmp_path,
         "spec"]["containers"][0]["args"]
     assert args[:6] == ["--store", "s3://x", "--dataset", "d", "--arch", "resnet18"]
 
+    assert cli.main(["tune", "render", "--space", str(path), "--experiment", "other", "--store", "s3://x",
+                     "--dataset", "d", "--training-api", "trainjob"]) == 0
+    template = yaml.safe_load(capsys.readouterr().out)["spec"]["trialTemplate"]
+    assert (template["trialSpec"]["kind"], template["primaryContainerName"]) == ("TrainJob", "node")
+    assert template["trialSpec"]["spec"]["trainer"]["args"] == args
+    assert cli.main(["tune", "render", "--training-api", "trainjobs"]) == 1
+    assert capsys.readouterr().err == ("bincount: error: training API 'trainjobs' is not one of pytorchjob, "
+                                       "trainjob\n")
+
 
 # --- parity: Katib feasible space ↔ optuna distribution --------------------------------------------------------
 
 @pytest.mark.parametrize("case", PARAMETERS)
 def test_katib_feasible_space_and_optuna_distribution_are_the_same_values(case):
     parameter = Parameter(**{k: tuple(v) if k == "values" else v for k, v in PARAMETERS[case].items()})
-    katib = {"name": parameter.name, "parameterType": parameter.type,
-             "feasibleSpace": parameter.katib().feasible_space()}
+    katib = as_dict(parameter.katib().katib())
     dist = parameter.distribution()
     space = katib["feasibleSpace"]
     if parameter.type in ("double", "int"):
@@ -223,7 +232,7 @@ def test_every_katib_algorithm_has_a_sampler_that_stays_in_the_space(algorithm):
     changes = {"algorithm": algorithm, "algorithm_settings": {"random_state": 1} if algorithm != "grid" else {},
                "parameters": [PARAMETERS[k] for k in ("double-step", "int-step", "categorical", "discrete")]}
     space = full_space(**changes)
-    body = space.render("exp", "s3://b", "d")
+    body = as_dict(space.render("exp", "s3://b", "d"))
     assert body["spec"]["algorithm"]["algorithmName"] == algorithm
     katib = {p["name"]: p for p in body["spec"]["parameters"]}
     study = optuna.create_study(sampler=local.sampler(space), direction="minimize")
@@ -241,7 +250,7 @@ def test_every_katib_algorithm_has_a_sampler_that_stays_in_the_space(algorithm):
 
 def test_median_stop_settings_become_the_pruners_startup_and_warmup():
     space = full_space(early_stopping={"min_trials": 2, "start_step": 3})
-    body = space.render("exp", "s3://b", "d")
+    body = as_dict(space.render("exp", "s3://b", "d"))
     assert body["spec"]["earlyStopping"] == {"algorithmName": "medianstop", "algorithmSettings": [
         {"name": "min_trials_required", "value": "2"}, {"name": "start_step", "value": "3"}]}
     study = optuna.create_study(direction="minimize", pruner=local.pruner(space))
@@ -324,6 +333,6 @@ def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
 
 def test_job_resources_of_the_space_render_the_trial_pods():
     space = full_space()
-    spec = space.render("exp", "s3://b", "d")["spec"]["trialTemplate"]["trialSpec"]["spec"]
+    spec = as_dict(space.render("exp", "s3://b", "d"))["spec"]["trialTemplate"]["trialSpec"]["spec"]
     assert spec["nprocPerNode"] == "2" and spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
     assert space.resources == JobResources(workers=2, procs_per_worker=2, cpu_request="2", cpu_limit="4")

@@ -1,8 +1,9 @@
 """Where work runs: one interface, two backends (DESIGN.md "Backends").
 
 `LocalBackend` runs the trainer under torchrun, tunes with optuna and serves with a ModelServer process;
-`KubernetesBackend` runs the same trainer arguments in a PyTorchJob, tunes with a Katib Experiment and serves
-with an InferenceService. Callers pick one by name through `get_backend`; nothing else branches on it.
+`KubernetesBackend` runs the same trainer arguments in the cluster's training job (a PyTorchJob or a Trainer v2
+TrainJob, `ClusterConfig.training_api`), tunes with a Katib Experiment whose trials are the same kind of job and
+serves with an InferenceService. Callers pick one by name through `get_backend`; nothing else branches on it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from bincount.config import (AuditConfig, ClusterConfig, JobResources, ServeJob, TrainConfig, TrainJob, TuneJob,
                              is_packaged_recipe, load_train_config, to_dict)
 from bincount.errors import BincountError, ConfigError
-from bincount.k8s.resources import RUN_FLAG
+from bincount.k8s.conventions import RUN_FLAG
 from bincount.store import KeyNotFoundError, open_store
 
 if TYPE_CHECKING:
@@ -161,13 +162,15 @@ class KubernetesBackend:
         return self._cluster
 
     def train(self, job: TrainJob) -> TrainOutcome:
-        """A PyTorchJob named after the run, followed to its end with the master's log on stdout."""
-        from bincount.k8s.resources import pytorchjob
+        """A training job (PyTorchJob or TrainJob) named after the run, followed to its end with rank 0's log on
+        stdout."""
+        from bincount.k8s.training import training_job
+        from bincount.k8s.training_jobs import launcher
 
         cfg = job.config
         _needs_s3(cfg.store, "training")
-        body = pytorchjob(cfg.run, train_args(cfg), job.resources, self.config)
-        self.cluster.run(body, timeout=job.timeout or math.inf, poll=job.poll, progress=_say, on_log=print)
+        body = training_job(cfg.run, train_args(cfg), job.resources, self.config)
+        launcher(self.cluster).run(body, timeout=job.timeout or math.inf, poll=job.poll, progress=_say, on_log=print)
         return _outcome(cfg)
 
     def tune(self, job: TuneJob) -> TuneResult:
@@ -249,11 +252,13 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"local": LocalBackend, "kubernetes": KubernetesBackend}
+# Each backend by name, made for a cluster config: the namespace and training API the kubernetes one works with.
+BACKENDS: dict[str, Callable[[ClusterConfig | None], Backend]] = {
+    "local": lambda cluster: LocalBackend(), "kubernetes": lambda cluster: KubernetesBackend(config=cluster)}
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, cluster: ClusterConfig | None = None) -> Backend:
     try:
-        return BACKENDS[name]()
+        return BACKENDS[name](cluster)
     except KeyError:
         raise ConfigError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}") from None

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bincount.backends import BACKENDS, get_backend
-from bincount.config import (AuditConfig, CompareConfig, DeployConfig, DownloadConfig, EdaConfig, EvaluateConfig,
-                             GateRule, MonitorConfig, PrepareConfig, ServeConfig, ShardConfig, SyntheticConfig, TuneJob,
-                             load_config)
+from bincount.config import (TRAINING_APIS, AuditConfig, ClusterConfig, CompareConfig, DeployConfig, DownloadConfig,
+                             EdaConfig, EvaluateConfig, GateRule, JobResources, MonitorConfig, PrepareConfig,
+                             ServeConfig, ShardConfig, SyntheticConfig, TrainJob, TuneJob, load_config)
 from bincount.errors import ALERT_EXIT, BincountError, exit_status
 from bincount.train import entry as train_entry
 
@@ -67,9 +67,47 @@ def cmd_eda(args: argparse.Namespace) -> None:
     print(build_report(cfg).summary())
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """The trainer's own entry, which torchrun and the local tuner run too, with the same arguments."""
-    return train_entry.main(args.params)
+def cmd_train(args: argparse.Namespace) -> int | None:
+    """Locally, the trainer's own entry in this process (torchrun and the local tuner run it too, with the same
+    arguments); on a cluster, a training job that runs it under torchrun on every node."""
+    parser = argparse.ArgumentParser(prog="bincount train", description=train_entry.DESCRIPTION,
+                                     parents=[train_entry.parser(add_help=False), _where_to_train()])
+    parser.parse_args(args.params)              # --help shows both; a bad flag stops here, before any launch
+    where, trainer_argv = _where_to_train().parse_known_args(args.params)
+    sizes = {"nodes": where.nodes, "procs-per-node": where.procs_per_node, "gpus-per-node": where.gpus_per_node}
+    if where.backend == "local":
+        given = [f"--{flag}" for flag, value in sizes.items() if value is not None]
+        if given:
+            raise BincountError(f"{', '.join(given)} size a cluster's training job: add --backend kubernetes, or "
+                                "run this command under torchrun for several processes here")
+        return train_entry.main(trainer_argv)
+    cfg = train_entry.config(train_entry.parser().parse_args(trainer_argv))
+    resources = JobResources.sized(where.nodes or 1, where.gpus_per_node or 0, where.procs_per_node or 0)
+    backend = get_backend(where.backend, ClusterConfig(training_api=where.training_api))
+    outcome = backend.train(TrainJob(cfg, resources, timeout=where.timeout, poll=where.poll))
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in outcome.metrics.items() if k.startswith("val_"))
+    print(f"trained {outcome.run}: model {outcome.model}" + (f" ({metrics})" if metrics else ""))
+    return None
+
+
+def _where_to_train() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)     # the trainer's flags pass through whole
+    where = p.add_argument_group("where to train")
+    where.add_argument("--backend", choices=list(BACKENDS), default="local",
+                       help="local: this process (the default; under torchrun, every process); kubernetes: a "
+                            "training job on the cluster (the store must be s3://), followed to its end")
+    where.add_argument("--training-api", choices=TRAINING_APIS, default=ClusterConfig.training_api,
+                       help="kubernetes: pytorchjob (Kubeflow Training Operator, the default) or trainjob "
+                            "(Kubeflow Trainer v2, the torch-distributed runtime)")
+    where.add_argument("--nodes", type=int, help="kubernetes: pods of the job (default 1)")
+    where.add_argument("--gpus-per-node", type=int, help="kubernetes: GPUs per pod (default 0)")
+    where.add_argument("--procs-per-node", type=int, help="kubernetes: DDP processes per pod (default: one per GPU, "
+                       "or one)")
+    where.add_argument("--timeout", type=float, default=0.0, help="kubernetes: seconds to follow the job "
+                       "(default: to its end)")
+    where.add_argument("--poll", type=float, default=10.0, help="kubernetes: seconds between status reads "
+                       "(default 10)")
+    return p
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -108,19 +146,20 @@ def cmd_audit_worker(args: argparse.Namespace) -> None:
 def cmd_tune(args: argparse.Namespace) -> None:
     job = load_config(TuneJob, args.config, _options(
         args, "store", "dataset", "space", "experiment", "workdir", "timeout", "poll"))
-    result = get_backend(args.backend).tune(job)
+    result = get_backend(args.backend, ClusterConfig(training_api=args.training_api)).tune(job)
     print(result.table())
     print(result.summary())
 
 
 def cmd_tune_render(args: argparse.Namespace) -> None:
-    from bincount.config import ClusterConfig
     from bincount.k8s.manifests import DATASET, dump
+    from bincount.k8s.resources import as_dict
     from bincount.tune.space import load_space
 
     space = load_space(args.space)
-    print(dump([space.render(args.experiment or space.name, args.store or ClusterConfig().store,
-                             args.dataset or DATASET)]), end="")
+    cluster = ClusterConfig(training_api=args.training_api)
+    print(dump([as_dict(space.render(args.experiment or space.name, args.store or cluster.store,
+                                     args.dataset or DATASET, cluster))]), end="")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -264,8 +303,8 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> None:
                         help=f"namespace (Kubeflow profile) to run in (default {cluster.namespace})")
     parser.add_argument("--service-account", default=cluster.pipeline_service_account,
                         help=f"service account of the steps (default {cluster.pipeline_service_account}, "
-                             "which manifests/base allows to create PyTorchJobs, Experiments, InferenceServices "
-                             "and Jobs)")
+                             "which manifests/base allows to create PyTorchJobs, TrainJobs, Experiments, "
+                             "InferenceServices and Jobs)")
     options = vars(parser.parse_args(args.params))
     own = {k: options.pop(k) for k in ("host", "package", "pipeline", "experiment", "namespace", "service_account",
                                        "schedule")}
@@ -488,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=list(BACKENDS), default="local",
                    help="local: an optuna study running torchrun trials; kubernetes: a Katib Experiment")
     p.add_argument("--experiment", help="experiment name (default: the space's name); rerun it to resume")
+    p.add_argument("--training-api", choices=TRAINING_APIS, default=ClusterConfig.training_api,
+                   help="kubernetes: the trials' training job, pytorchjob (the default) or trainjob (Trainer v2)")
     p.add_argument("--workdir", help="local: the study's working copy and trial logs")
     p.add_argument("--timeout", type=float, help="kubernetes: seconds to follow the Experiment (default: to the end)")
     p.add_argument("--poll", type=float, help="kubernetes: seconds between status reads (default 10)")
@@ -498,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("--space", "search space YAML (default: the packaged tuning.yaml)"),
                             ("--experiment", "Experiment name (default: the space's name)"),
                             ("--store", "store the trials use (default: the cluster's MinIO, s3://bincount)"),
-                            ("--dataset", "dataset the trials train on (default: abid)")):
+                            ("--dataset", "dataset the trials train on (default: abid)"),
+                            ("--training-api", "the trials' training job: pytorchjob (the default) or trainjob")):
         r.add_argument(name, default=argparse.SUPPRESS, help=help_text)
     r.set_defaults(func=cmd_tune_render)
 

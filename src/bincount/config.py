@@ -504,11 +504,11 @@ def _check_compute(cfg: Any) -> None:
 
 @dataclass
 class JobResources:
-    """How wide and how big a training job is. One object renders the PyTorchJob's replicas, the Katib trial
-    template and the local torchrun command, so the three never disagree.
+    """How wide and how big a training job is. One object renders the PyTorchJob's replicas or the TrainJob's
+    nodes, the Katib trial template and the local torchrun command, so they never disagree.
 
-    `workers` counts pods: the first is the PyTorchJob's Master, the rest its Workers. Locally there is one
-    node, so `torchrun_argv` starts `procs_per_worker` processes.
+    `workers` counts pods: the first is the PyTorchJob's Master, the rest its Workers (a TrainJob's `numNodes`).
+    Locally there is one node, so `torchrun_argv` starts `procs_per_worker` processes.
     """
 
     workers: int = 1
@@ -535,6 +535,13 @@ class JobResources:
         if quantity(self.shm_size, "shm_size") >= quantity(self.memory_limit, "memory_limit"):
             raise ConfigError(f"shm_size {self.shm_size} must stay below memory_limit {self.memory_limit}: "
                               "a memory-backed /dev/shm counts against the container's memory")
+
+    @classmethod
+    def sized(cls, workers: int, gpus_per_worker: int, procs_per_worker: int = 0) -> JobResources:
+        """The default sizes for `workers` pods of `gpus_per_worker` GPUs; `procs_per_worker` 0 means one process
+        per GPU, or one on a CPU-only worker."""
+        return cls(workers=workers, procs_per_worker=procs_per_worker or max(1, gpus_per_worker),
+                   gpus_per_worker=gpus_per_worker)
 
     @property
     def world_size(self) -> int:
@@ -595,9 +602,15 @@ class ServingResources:
         return {"cpu": self.cpu_limit, "memory": self.memory_limit}
 
 
+# How a cluster runs the trainer: a PyTorchJob (Kubeflow Training Operator v1, in maintenance) or a TrainJob (Kubeflow
+# Trainer v2, what new clusters install).
+TRAINING_APIS = ("pytorchjob", "trainjob")
+
+
 @dataclass
 class ClusterConfig:
-    """Where bincount lives on a cluster: the names the manifests create and the launchers refer to."""
+    """Where bincount lives on a cluster: the names the manifests create and the launchers refer to, and which
+    training API runs its training jobs and Katib trials."""
 
     namespace: str = "bincount"
     bucket: str = "bincount"
@@ -607,6 +620,12 @@ class ClusterConfig:
     pipeline_service_account: str = "bincount-pipeline"
     workload_service_account: str = "bincount-workload"
     serving_service_account: str = "bincount-serving"
+    training_api: str = "pytorchjob"            # one of TRAINING_APIS
+    training_runtime: str = "torch-distributed" # trainjob: the ClusterTrainingRuntime a TrainJob names
+
+    def __post_init__(self) -> None:
+        if self.training_api not in TRAINING_APIS:
+            raise ConfigError(f"training API {self.training_api!r} is not one of {', '.join(TRAINING_APIS)}")
 
     @property
     def s3_endpoint(self) -> str:
@@ -656,11 +675,12 @@ class ServeConfig:
 
 @dataclass
 class TrainJob:
-    """One training run and the room it runs in, on either backend (torchrun locally, a PyTorchJob on a cluster)."""
+    """One training run and the room it runs in, on either backend (torchrun locally, a PyTorchJob or TrainJob on a
+    cluster)."""
 
     config: TrainConfig
     resources: JobResources = field(default_factory=JobResources)
-    timeout: float = 0.0                        # kubernetes: seconds to follow the PyTorchJob; 0: until it ends
+    timeout: float = 0.0                        # kubernetes: seconds to follow the training job; 0: until it ends
     poll: float = 10.0                          # kubernetes: seconds between status reads
 
 

@@ -1,9 +1,11 @@
-"""Create, follow and delete bincount's resources through the Kubernetes API.
+"""Create, follow and delete bincount's resources through the Kubernetes API, where no Kubeflow SDK does it.
 
-PyTorchJobs, Katib Experiments, InferenceServices and the audit's batch Jobs all go through the CustomObjects API
-(its generic paths serve batch/v1 as well), so one `Cluster` handles the four; a `Kind` says where each lives and how to read its state. `Cluster.run` is what the
-KubernetesBackend calls: create, stream the master pod's log, wait on the conditions, return the final object —
-or raise one error a user can act on (operator missing, RBAC, image pull, a failed job with its last log lines).
+Katib Experiments and Trials, InferenceServices and the audit's batch Jobs go through the CustomObjects API (its
+generic paths serve batch/v1 as well), so one `Cluster` handles them; a `Kind` says where each lives, who serves it
+and how to read its state. `Cluster.run` is what the backends call: create, stream the main pod's log, wait on the
+conditions, return the final object, or raise one error a user can act on (operator missing, RBAC, image pull,
+a failed job with its last log lines). The training jobs go through Kubeflow's SDKs (`training_jobs.py`), which
+lean on the parts here that the SDKs lack: the pod watch, the log stream and the mapping of API errors.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +25,10 @@ from urllib3.exceptions import HTTPError
 
 from bincount.config import ClusterConfig
 from bincount.errors import BincountError
-from bincount.k8s.resources import AUDIT_CONTAINER, SERVING_CONTAINER, TRAINER_CONTAINER
+from bincount.k8s.resources import AUDIT_CONTAINER, SERVING_CONTAINER
 
 Callback = Callable[[str], None]
+Follow = Callable[["Kind", str, Callback, threading.Event, float], None]   # streams a pod log until it ends
 LOG_TAIL = 20
 FINAL_LOG_WAIT = 30.0
 IMAGE_FAILURES = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
@@ -36,7 +40,7 @@ class LaunchError(BincountError):
 
 
 class NotInstalled(LaunchError):
-    """The operator that serves a kind (Training Operator, Katib, KServe) is not installed."""
+    """The operator that serves a kind (Training Operator, Trainer, Katib, KServe) is not installed."""
 
 
 class NotFound(LaunchError):
@@ -72,17 +76,6 @@ def _condition_state(obj: dict[str, Any]) -> State:
     kind = last.get("type", "Unknown")
     return State(kind, done=kind in ("Succeeded", "Failed"), failed=kind == "Failed",
                  message=last.get("message") or last.get("reason") or "")
-
-
-def _job_state(obj: dict[str, Any]) -> State:
-    state = _condition_state(obj)
-    parts = []
-    for role, counts in sorted(((obj.get("status") or {}).get("replicaStatuses") or {}).items()):
-        nonzero = [f"{n} {k}" for k, n in sorted(counts.items()) if isinstance(n, int) and n]
-        if nonzero:
-            parts.append(f"{role} {', '.join(nonzero)}")
-    summary = f"{state.summary} ({'; '.join(parts)})" if parts else state.summary
-    return State(summary, state.done, state.failed, state.message)
 
 
 def _experiment_state(obj: dict[str, Any]) -> State:
@@ -134,14 +127,15 @@ def _batch_job_state(obj: dict[str, Any]) -> State:
 @dataclass(frozen=True)
 class Kind:
     """Where a custom resource lives, who serves it and how to read it. The selectors find its pods (to see
-    pull failures) and its main pod (whose log tells the story)."""
+    pull failures) and its main pod (whose log tells the story). Kinds without a `state` are launched by the
+    Kubeflow SDKs (`training_jobs.py`), which read the state themselves."""
 
     group: str
     version: str
     plural: str
     kind: str
     operator: str
-    state: Callable[[dict[str, Any]], State]
+    state: Callable[[dict[str, Any]], State] | None = None
     pods: str | None = None
     main_pod: str | None = None
     container: str | None = None
@@ -151,10 +145,6 @@ class Kind:
         return f"{self.group}/{self.version}"
 
 
-PYTORCHJOB = Kind("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob", "Kubeflow Training Operator", _job_state,
-                  pods="training.kubeflow.org/job-name={name}",
-                  main_pod="training.kubeflow.org/job-name={name},training.kubeflow.org/job-role=master",
-                  container=TRAINER_CONTAINER)
 EXPERIMENT = Kind("kubeflow.org", "v1beta1", "experiments", "Experiment", "Katib", _experiment_state)
 TRIAL = Kind("kubeflow.org", "v1beta1", "trials", "Trial", "Katib", _condition_state)
 INFERENCE_SERVICE = Kind("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService", "KServe",
@@ -164,14 +154,50 @@ BATCH_JOB = Kind("batch", "v1", "jobs", "Job", "Kubernetes batch API", _batch_jo
                  pods="batch.kubernetes.io/job-name={name}",
                  main_pod="batch.kubernetes.io/job-name={name},batch.kubernetes.io/job-completion-index=0",
                  container=AUDIT_CONTAINER)
-KINDS = {(k.api_version, k.kind): k for k in (PYTORCHJOB, EXPERIMENT, INFERENCE_SERVICE, BATCH_JOB)}
+KINDS = {(k.api_version, k.kind): k for k in (EXPERIMENT, INFERENCE_SERVICE, BATCH_JOB)}
 
 
 def kind_of(body: dict[str, Any]) -> Kind:
     key = (body.get("apiVersion"), body.get("kind"))
     if key not in KINDS:
-        raise LaunchError(f"cannot launch {key[1]} of {key[0]}: only {', '.join(k.kind for k in KINDS.values())}")
+        raise LaunchError(f"cannot launch {key[1]} of {key[0]} here: only {', '.join(KINDS[k].kind for k in KINDS)} "
+                          "(training jobs go through bincount.k8s.training_jobs)")
     return KINDS[key]
+
+
+class PodWatch:
+    """Called with the resource's state at every poll: a progress line whenever the state or its pods change, and
+    an error when a pod can never start (an image it cannot pull, a missing Secret), which a wait on the
+    resource's conditions alone would never see. An unschedulable pod is only a note: the autoscaler may help."""
+
+    def __init__(self, cluster: Cluster, kind: Kind, name: str, progress: Callback | None):
+        self.cluster, self.kind, self.name, self.progress = cluster, kind, name, progress
+        self.summary, self._line = "Pending", None
+
+    def __call__(self, state: State) -> None:
+        fatal, note = self.cluster.pod_problems(self.kind, self.name)
+        line = f"{self.kind.kind} {self.name}: {state.summary}" + (f" [{note}]" if note else "")
+        if self.progress and line != self._line:
+            self.progress(line)
+        self.summary, self._line = state.summary, line
+        if fatal and not state.done:
+            raise LaunchError(f"{self.kind.kind} {self.name} cannot start: {fatal}")
+
+    def timeout(self, timeout: float) -> LaunchTimeout:
+        kind = self.kind
+        return LaunchTimeout(
+            f"{kind.kind} {self.name} did not finish within {timeout:g} s (last state: {self.summary}); it is still "
+            f"on the cluster: `kubectl -n {self.cluster.namespace} describe {kind.plural}.{kind.group} {self.name}`")
+
+
+def failure_text(kind: Kind, name: str, message: str, log: list[str] | str) -> str:
+    """`KIND NAME failed: MESSAGE` and the last lines of its main pod's log (or why there are none)."""
+    text = f"{kind.kind} {name} failed: {message or 'no reason given'}"
+    if isinstance(log, str):
+        return f"{text} ({log})"
+    lines = log[-LOG_TAIL:]
+    return f"{text}\nlast {len(lines)} log line(s) of its {kind.container} container:\n" + "\n".join(
+        f"  {line}" for line in lines)
 
 
 class Cluster:
@@ -180,7 +206,7 @@ class Cluster:
     def __init__(self, api_client: client.ApiClient, config: ClusterConfig | None = None):
         self.config = config or ClusterConfig()
         self.namespace = self.config.namespace
-        self._api = api_client
+        self.api_client = api_client
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
 
@@ -196,8 +222,8 @@ class Cluster:
                 raise LaunchError(f"no Kubernetes access: not inside a cluster, no usable kubeconfig ({e})") from None
         return cls(client.ApiClient(), config)
 
-    def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        kind = kind_of(body)
+    def create(self, body: dict[str, Any], kind: Kind | None = None) -> dict[str, Any]:
+        kind = kind or kind_of(body)
         return self._call(kind, "create", body["metadata"]["name"], self._custom.create_namespaced_custom_object,
                           kind.group, kind.version, self.namespace, kind.plural, body)
 
@@ -242,9 +268,9 @@ class Cluster:
         except ApiException as e:
             if e.status == 404:
                 return False
-            raise self._error(e, kind, "discover", None) from None
+            raise self.error(e, kind, "discover", None) from None
         except (HTTPError, OSError) as e:
-            raise self._unreachable(e) from None
+            raise self.unreachable(e) from None
         return any(r.get("name") == kind.plural for r in found.get("resources") or [])
 
     def wait(self, kind: Kind, name: str, *, timeout: float, poll: float = 5.0,
@@ -252,26 +278,18 @@ class Cluster:
         """Polls until the resource succeeds (returned) or fails, a pod cannot start, or `timeout` passes
         (raised). `progress` gets a line whenever the state changes."""
         deadline = time.monotonic() + timeout
-        last = None
+        watch = PodWatch(self, kind, name, progress)
         while True:
             obj = self.get(kind, name)
             state = kind.state(obj)
-            fatal, note = self._pod_problems(kind, name)
-            line = f"{kind.kind} {name}: {state.summary}" + (f" [{note}]" if note else "")
-            if progress and line != last:
-                progress(line)
-            last = line
+            watch(state)
             if state.failed:
                 raise JobFailed(self._failure(kind, name, state))
             if state.done:
                 return obj
-            if fatal:
-                raise LaunchError(f"{kind.kind} {name} cannot start: {fatal}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise LaunchTimeout(
-                    f"{kind.kind} {name} did not finish within {timeout:g} s (last state: {state.summary}); it is "
-                    f"still on the cluster: `kubectl -n {self.namespace} describe {kind.plural}.{kind.group} {name}`")
+                raise watch.timeout(timeout)
             time.sleep(min(poll, remaining))
 
     def logs(self, kind: Kind, name: str, tail: int | None = None) -> list[str]:
@@ -310,26 +328,35 @@ class Cluster:
         kind = kind_of(body)
         name = body["metadata"]["name"]
         self.create(body)
-        stop = threading.Event()
-        follower = None
-        if on_log and kind.main_pod:
-            follower = threading.Thread(target=self._follow_reporting, daemon=True,
-                                        args=(kind, name, on_log, stop, poll, progress))
-            follower.start()
-        try:
+        with self.streaming(kind, name, on_log, poll, progress):
             return self.wait(kind, name, timeout=timeout, poll=poll, progress=progress)
+
+    @contextmanager
+    def streaming(self, kind: Kind, name: str, on_log: Callback | None, poll: float, progress: Callback | None,
+                  follow: Follow | None = None) -> Iterator[None]:
+        """While the block runs, a thread streams the main pod's log to `on_log` (with `follow`, by default
+        `self.follow`); a finished pod's log may still be arriving, so the block's end waits a little for it."""
+        if not (on_log and kind.main_pod):
+            yield
+            return
+        stop = threading.Event()
+        follower = threading.Thread(target=self._follow_reporting, daemon=True,
+                                    args=(follow or self.follow, kind, name, on_log, stop, poll, progress))
+        follower.start()
+        try:
+            yield
         except BaseException:
             stop.set()
             raise
         finally:
-            if follower:
-                follower.join(timeout=FINAL_LOG_WAIT)  # a finished pod's log is still being delivered
-                stop.set()
+            follower.join(timeout=FINAL_LOG_WAIT)
+            stop.set()
 
-    def _follow_reporting(self, kind: Kind, name: str, on_line: Callback, stop: threading.Event, poll: float,
-                          progress: Callback | None) -> None:
+    @staticmethod
+    def _follow_reporting(follow: Follow, kind: Kind, name: str, on_line: Callback, stop: threading.Event,
+                          poll: float, progress: Callback | None) -> None:
         try:
-            self.follow(kind, name, on_line, stop, poll)
+            follow(kind, name, on_line, stop, poll)
         except (LaunchError, HTTPError, OSError) as e:
             if progress:
                 progress(f"log stream of {kind.kind} {name} ended: {e}")
@@ -345,7 +372,7 @@ class Cluster:
         pods = self._call(kind, "list the pods of", name, self._pods, kind.main_pod.format(name=name))
         return pods[-1] if pods else None
 
-    def _pod_problems(self, kind: Kind, name: str) -> tuple[str | None, str | None]:
+    def pod_problems(self, kind: Kind, name: str) -> tuple[str | None, str | None]:
         """(a reason the pods can never start, a note worth showing): pull and config errors are the first,
         an unschedulable pod (the autoscaler may still help) the second."""
         if not kind.pods:
@@ -373,28 +400,34 @@ class Cluster:
         return None, note
 
     def _failure(self, kind: Kind, name: str, state: State) -> str:
-        text = f"{kind.kind} {name} failed: {state.message or 'no reason given'}"
         if not kind.main_pod:
-            return text
+            return f"{kind.kind} {name} failed: {state.message or 'no reason given'}"
         try:
-            lines = self.logs(kind, name, tail=LOG_TAIL)
+            lines: list[str] | str = self.logs(kind, name, tail=LOG_TAIL) or "no pod log found"
         except LaunchError as e:
-            return f"{text} (its log is unavailable: {e})"
-        if not lines:
-            return f"{text} (no pod log found)"
-        return f"{text}\nlast {len(lines)} log line(s) of its {kind.container} container:\n" + "\n".join(
-            f"  {line}" for line in lines)
+            lines = f"its log is unavailable: {e}"
+        return failure_text(kind, name, state.message, lines)
 
     def _call(self, kind: Kind, action: str, name: str | None, fn: Callable[..., Any], *args: Any,
               **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except ApiException as e:
-            raise self._error(e, kind, action, name) from None
+            raise self.error(e, kind, action, name) from None
         except (HTTPError, OSError) as e:
-            raise self._unreachable(e) from None
+            raise self.unreachable(e) from None
 
-    def _error(self, e: ApiException, kind: Kind, action: str, name: str | None) -> LaunchError:
+    def sdk_error(self, e: Exception, kind: Kind, action: str, name: str | None) -> LaunchError:
+        """What a Kubeflow SDK's error means: the SDKs wrap every API error in a RuntimeError; the one under it
+        becomes ours (the operator missing, RBAC, a conflict, the API unreachable)."""
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ApiException):
+            return self.error(cause, kind, action, name)
+        if isinstance(cause, (HTTPError, OSError)):
+            return self.unreachable(cause)
+        return LaunchError(f"cannot {action} {kind.kind} {name}: {e}")
+
+    def error(self, e: ApiException, kind: Kind, action: str, name: str | None) -> LaunchError:
         message = _status_message(e)
         what = f"{kind.kind} {name}" if name else kind.plural
         if e.status == 404:
@@ -416,8 +449,8 @@ class Cluster:
             return LaunchError(f"the API server rejected {what} as invalid: {message}")
         return LaunchError(f"cannot {action} {what}: HTTP {e.status} {e.reason}: {message}")
 
-    def _unreachable(self, e: Exception) -> LaunchError:
-        return LaunchError(f"cannot reach the Kubernetes API at {self._api.configuration.host}: {e}")
+    def unreachable(self, e: Exception) -> LaunchError:
+        return LaunchError(f"cannot reach the Kubernetes API at {self.api_client.configuration.host}: {e}")
 
 
 def _json(response: Any) -> dict[str, Any]:

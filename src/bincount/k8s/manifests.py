@@ -2,7 +2,8 @@
 
 Layout: base/ (platform) and training/, tuning/, serving/, audit/, monitor/ hold the default objects; each overlay has a
 kustomization for the platform plus one per stage whose patch is the merge patch from the default objects to the
-overlay's (computed here, never written by hand). `render` returns every file; `write` and `drift` are the
+overlay's (computed here, never written by hand), or, where the overlay's object is of another kind (trainer-v2's
+TrainJob in place of the PyTorchJob), the object itself. `render` returns every file; `write` and `drift` are the
 `bincount manifests render [--check]` command.
 """
 
@@ -20,8 +21,10 @@ import yaml
 from bincount.config import ClusterConfig, JobResources, ServingResources
 from bincount.errors import BincountError
 from bincount.k8s import platform
-from bincount.k8s.resources import (RUN_FLAG, ExperimentSpec, audit_cronjob, experiment, inference_service,
-                                    monitor_cronjob, pytorchjob)
+from bincount.k8s.conventions import RUN_FLAG
+from bincount.k8s.experiment import ExperimentSpec, experiment
+from bincount.k8s.resources import as_dict, audit_cronjob, inference_service, monitor_cronjob
+from bincount.k8s.training import TRAINING_APIS, training_job
 from bincount.tune.space import SearchSpace, load_space, trainer_args
 
 HEADER = ("# Rendered by `bincount manifests render` from src/bincount/k8s/. Edit the builders and re-render:\n"
@@ -31,8 +34,8 @@ CREDENTIALS_FILE = "s3-credentials.env"
 DATASET = "abid"
 TRAIN_RUN = "bincount-train"
 SERVE_NAME = "bincount"
-STAGE_FILES = {"training": "pytorchjob.yaml", "tuning": "experiment.yaml", "serving": "inferenceservice.yaml",
-               "audit": "cronjob.yaml", "monitor": "cronjob.yaml"}
+STAGE_FILES = {"tuning": "experiment.yaml", "serving": "inferenceservice.yaml", "audit": "cronjob.yaml",
+               "monitor": "cronjob.yaml", **{api: f"{api}.yaml" for api in TRAINING_APIS}}
 AUDIT_NAME = "bincount-audit"
 AUDIT_SCHEDULE = "0 2 * * *"                    # nightly, 02:00 in the cluster's time zone
 MONITOR_NAME = "bincount-monitor"
@@ -52,6 +55,7 @@ class Profile:
     audit: JobResources                         # the nightly audit's pod; `workers` processes in it
     minio_storage: str
     dev_credentials: bool = False
+    training_api: str = "pytorchjob"            # the training job's and the trials' API (ClusterConfig.training_api)
 
 
 def profiles(cluster: ClusterConfig) -> dict[str, Profile]:
@@ -104,11 +108,15 @@ def profiles(cluster: ClusterConfig) -> dict[str, Profile]:
         audit=JobResources(workers=1, gpus_per_worker=1, cpu_request="8", cpu_limit="16", memory_request="16Gi",
                            memory_limit="32Gi"),
         minio_storage="500Gi")
-    return {p.name: p for p in (default, dev_cpu, gpu)}
+    # a cluster with Kubeflow Trainer v2 in place of the Training Operator: the default sizes, TrainJobs for the
+    # training and the Katib trials
+    trainer_v2 = replace(default, name="trainer-v2", training_api="trainjob")
+    return {p.name: p for p in (default, dev_cpu, gpu, trainer_v2)}
 
 
 def stages(profile: Profile, cluster: ClusterConfig) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Each kustomize folder's objects by file name."""
+    cluster = replace(cluster, training_api=profile.training_api)
     return {
         "base": {"namespace.yaml": [platform.namespace(cluster)],
                  "rbac.yaml": platform.access(cluster),
@@ -117,8 +125,9 @@ def stages(profile: Profile, cluster: ClusterConfig) -> dict[str, dict[str, list
                  "bucket-job.yaml": platform.bucket_job(cluster),
                  "audit-policy.yaml": [platform.audit_policy(cluster)],
                  "monitor-policy.yaml": [platform.monitor_policy(cluster)]},
-        "training": {STAGE_FILES["training"]: [pytorchjob(TRAIN_RUN, profile.train_args, profile.training, cluster)]},
-        "tuning": {STAGE_FILES["tuning"]: [experiment(profile.experiment, cluster)]},
+        "training": {STAGE_FILES[profile.training_api]: [
+            as_dict(training_job(TRAIN_RUN, profile.train_args, profile.training, cluster))]},
+        "tuning": {STAGE_FILES["tuning"]: [as_dict(experiment(profile.experiment, cluster))]},
         "serving": {STAGE_FILES["serving"]: [inference_service(
             SERVE_NAME, f"{cluster.store}/models/{TRAIN_RUN}", profile.serving, cluster, version=TRAIN_RUN,
             log_store=cluster.store)]},
@@ -221,8 +230,13 @@ def _overlay(root: str, default: dict[str, dict[str, list[dict[str, Any]]]],
     files: dict[str, str] = {}
     for folder, objects in default.items():
         here, up = (root, "../..") if folder == "base" else (f"{root}/{folder}", "../../..")
-        patches = {f: p for f in objects if (p := _patches(objects[f], wanted[folder][f]))}
-        for file, docs in patches.items():
+        if _kinds(objects) == _kinds(wanted[folder]):
+            written = {f: p for f in objects if (p := _patches(objects[f], wanted[folder][f]))}
+            resources, patches = [f"{up}/{folder}"], list(written)
+        else:                                   # another kind (a TrainJob for a PyTorchJob) cannot be a patch
+            written = wanted[folder]
+            resources, patches = list(written), []
+        for file, docs in written.items():
             files[f"{here}/{file}"] = _yaml(docs)
         extra: dict[str, Any] = {}
         note = ""
@@ -235,8 +249,12 @@ def _overlay(root: str, default: dict[str, dict[str, list[dict[str, Any]]]],
                     "AWS_ACCESS_KEY_ID=bincount\nAWS_SECRET_ACCESS_KEY=CHANGE-ME-to-a-long-random-password\n")
                 files[f"{here}/.gitignore"] = f"{CREDENTIALS_FILE}\n"
         files[f"{here}/kustomization.yaml"] = _yaml(
-            [_kustomization([f"{up}/{folder}"], list(patches), **extra)], note)
+            [_kustomization(resources, patches, **extra)], note)
     return files
+
+
+def _kinds(objects: dict[str, list[dict[str, Any]]]) -> dict[str, list[tuple[str, str]]]:
+    return {file: [(d["apiVersion"], d["kind"]) for d in docs] for file, docs in objects.items()}
 
 
 class _Dumper(yaml.SafeDumper):

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from bincount.config import ClusterConfig
-from bincount.k8s.resources import (CREDENTIALS_DIR, container_security, credentials_volume, labels, pod_security,
-                                     scratch_volume, store_settings)
+from bincount.k8s.conventions import CREDENTIALS_DIR, labels, store_settings
+from bincount.k8s.resources import as_dict, container_security, credentials_volume, pod_security, scratch_volume
 
 # Third-party images are pinned by tag and digest (the multi-arch index), so `Always` only re-verifies them.
 MINIO_IMAGE = ("quay.io/minio/minio:RELEASE.2025-09-07T16-13-09Z"
@@ -20,13 +20,19 @@ MC_IMAGE = ("quay.io/minio/mc:RELEASE.2025-08-13T08-35-41Z"
 MINIO_PORT = 9000
 CONSOLE_PORT = 9001
 
-# What the pipeline's launchers do: create and follow the stage resources, read their pods' state and logs.
+# What the pipeline's launchers do: create and follow the stage resources (a finished training job is deleted before
+# its run starts again), read their pods' state and logs. The TrainerClient also reads the TrainJob's runtime:
+# a namespaced TrainingRuntime here, or a ClusterTrainingRuntime, which a Trainer install lets every authenticated
+# user read (as it lets them read its version, the kubeflow-trainer-public ConfigMap).
 PIPELINE_RULES = [
     {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs", "experiments"],
      "verbs": ["create", "get", "list", "watch", "delete"]},
     {"apiGroups": ["kubeflow.org"], "resources": ["trials"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+     "verbs": ["create", "get", "list", "watch", "delete"]},
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainingruntimes"], "verbs": ["get", "list"]},
     {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
-     "verbs": ["create", "get", "list", "watch", "patch", "delete"]},
+     "verbs": ["create", "get", "list", "watch", "update", "patch", "delete"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
@@ -102,8 +108,8 @@ def access(cluster: ClusterConfig) -> list[dict[str, Any]]:
 def minio(cluster: ClusterConfig, storage: str) -> list[dict[str, Any]]:
     """One MinIO server on a PVC; its root credentials are the S3 Secret's keys. Only its two ports are
     reachable, from any namespace: KFP steps, trials and KServe's storage initializer all use the store."""
-    scratch, scratch_mount = scratch_volume()
-    secret, secret_mount = credentials_volume(cluster)
+    scratch, scratch_mount = as_dict(scratch_volume())
+    secret, secret_mount = as_dict(credentials_volume(cluster))
     selector = labels("storage")
     health = {"port": MINIO_PORT, "scheme": "HTTP"}
     container = {
@@ -121,7 +127,7 @@ def minio(cluster: ClusterConfig, storage: str) -> list[dict[str, Any]]:
         "livenessProbe": {"httpGet": {"path": "/minio/health/live", **health},
                           "initialDelaySeconds": 10, "periodSeconds": 10},
         "readinessProbe": {"httpGet": {"path": "/minio/health/ready", **health}, "periodSeconds": 5},
-        "securityContext": container_security(),
+        "securityContext": as_dict(container_security()),
         "volumeMounts": [{"name": "data", "mountPath": "/data"}, secret_mount, scratch_mount],
     }
     ports = [{"protocol": "TCP", "port": port} for port in (MINIO_PORT, CONSOLE_PORT)]
@@ -133,7 +139,7 @@ def minio(cluster: ClusterConfig, storage: str) -> list[dict[str, Any]]:
                   "selector": {"matchLabels": selector},
                   "template": {"metadata": {"labels": selector},
                                "spec": {"automountServiceAccountToken": False,
-                                        "securityContext": pod_security(),
+                                        "securityContext": as_dict(pod_security()),
                                         "containers": [container],
                                         "volumes": [{"name": "data",
                                                      "persistentVolumeClaim": {"claimName": "minio-data"}},
@@ -150,8 +156,8 @@ def minio(cluster: ClusterConfig, storage: str) -> list[dict[str, Any]]:
 def bucket_job(cluster: ClusterConfig) -> list[dict[str, Any]]:
     """Creates the store's bucket once MinIO answers; idempotent, so re-applying the overlay is harmless. Its
     pod accepts no connections."""
-    scratch, scratch_mount = scratch_volume()
-    secret, secret_mount = credentials_volume(cluster)
+    scratch, scratch_mount = as_dict(scratch_volume())
+    secret, secret_mount = as_dict(credentials_volume(cluster))
     pods = labels("storage-bootstrap")
     script = (f'until mc alias set store "http://{cluster.s3_endpoint}" "$(cat {CREDENTIALS_DIR}/AWS_ACCESS_KEY_ID)" '
               f'"$(cat {CREDENTIALS_DIR}/AWS_SECRET_ACCESS_KEY)"; do sleep 5; done\n'
@@ -163,7 +169,7 @@ def bucket_job(cluster: ClusterConfig) -> list[dict[str, Any]]:
         "command": ["/bin/sh", "-ec", script],
         "env": [{"name": "MC_CONFIG_DIR", "value": "/tmp/mc"}],
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}},
-        "securityContext": container_security(),
+        "securityContext": as_dict(container_security()),
         "volumeMounts": [secret_mount, scratch_mount],
     }
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta("minio-bucket", cluster, "storage-bootstrap"),
@@ -171,7 +177,7 @@ def bucket_job(cluster: ClusterConfig) -> list[dict[str, Any]]:
                     "template": {"metadata": {"labels": pods},
                                  "spec": {"restartPolicy": "OnFailure",
                                           "automountServiceAccountToken": False,
-                                          "securityContext": pod_security(),
+                                          "securityContext": as_dict(pod_security()),
                                           "containers": [container],
                                           "volumes": [secret, scratch]}}}}
     return [job, _ingress_policy("minio-bucket", cluster, "storage-bootstrap", pods, [])]

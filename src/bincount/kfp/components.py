@@ -47,26 +47,28 @@ def shard(splits: Input[Dataset], recipe: str, image_size: int, min_images: int,
 
 
 @component
-def tune(splits: Input[Dataset], backend: str, run_name: str, job_id: str, space: str, recipe: str, arch: str,
-         weights: str, freeze: str, image_size: int, trial_epochs: int, trials: int, parallel_trials: int,
+def tune(splits: Input[Dataset], backend: str, training_api: str, run_name: str, job_id: str, space: str, recipe: str,
+         arch: str, weights: str, freeze: str, image_size: int, trial_epochs: int, trials: int, parallel_trials: int,
          workers: int, gpus_per_worker: int, procs_per_worker: int, best: Output[Artifact],
          tuning_report: Output[Markdown]):
-    """A search space on the validation split: optuna locally, a Katib Experiment on a cluster."""
+    """A search space on the validation split: optuna locally, a Katib Experiment on a cluster (its trials are
+    PyTorchJobs or TrainJobs, by `training_api`)."""
     from bincount.kfp import stages
 
-    stages.tune(splits, backend, run_name, job_id, space, recipe, arch, weights, freeze, image_size, trial_epochs,
-                trials, parallel_trials, workers, gpus_per_worker, procs_per_worker, best, tuning_report)
+    stages.tune(splits, backend, training_api, run_name, job_id, space, recipe, arch, weights, freeze, image_size,
+                trial_epochs, trials, parallel_trials, workers, gpus_per_worker, procs_per_worker, best, tuning_report)
 
 
 @component
-def train(splits: Input[Dataset], best: Input[Artifact], backend: str, run_name: str, job_id: str, epochs: int,
-          workers: int, gpus_per_worker: int, procs_per_worker: int, model: Output[Model], metrics: Output[Metrics]):
-    """The best trial's settings, trained for the full epochs (0: the recipe's): torchrun locally, a PyTorchJob on
-    a cluster."""
+def train(splits: Input[Dataset], best: Input[Artifact], backend: str, training_api: str, run_name: str, job_id: str,
+          epochs: int, workers: int, gpus_per_worker: int, procs_per_worker: int, model: Output[Model],
+          metrics: Output[Metrics]):
+    """The best trial's settings, trained for the full epochs (0: the recipe's): torchrun locally, a PyTorchJob or
+    a TrainJob (`training_api`) on a cluster."""
     from bincount.kfp import stages
 
-    stages.train(splits, best, backend, run_name, job_id, epochs, workers, gpus_per_worker, procs_per_worker,
-                 model, metrics)
+    stages.train(splits, best, backend, training_api, run_name, job_id, epochs, workers, gpus_per_worker,
+                 procs_per_worker, model, metrics)
 
 
 @component

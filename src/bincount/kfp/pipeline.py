@@ -15,7 +15,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Metrics, Model
 
 from bincount.config import ABID_BUCKET, ClusterConfig
-from bincount.k8s.resources import S3_CREDENTIALS, store_settings
+from bincount.k8s.conventions import S3_CREDENTIALS, store_settings
 from bincount.kfp import components as c
 
 NAME = "bin-counting"
@@ -66,6 +66,7 @@ def bin_counting(
     gpus_per_worker: int = 1,
     procs_per_worker: int = 0,
     backend: str = "kubernetes",
+    training_api: str = "pytorchjob",
     run_name: str = "",
     model_name: str = "bincount",
     deploy_threshold: float = 0.5,
@@ -74,8 +75,8 @@ def bin_counting(
     gate_confidence: float = 0.95,
     canary_percent: int = 0,
 ) -> Outputs:
-    """Count the items in a warehouse bin from one photo: ABID data, Katib tuning, PyTorchJob DDP training,
-    evaluation on the test split, KServe serving.
+    """Count the items in a warehouse bin from one photo: ABID data, Katib tuning, DDP training (a PyTorchJob or a
+    Kubeflow Trainer v2 TrainJob), evaluation on the test split, KServe serving.
 
     Args:
         source: abid (the Amazon Bin Image Dataset, or a mirror of it) or synthetic (generated bins).
@@ -105,10 +106,12 @@ def bin_counting(
         parallel_trials: Trials run at once.
         trial_epochs: Epochs of each trial.
         epochs: Epochs of the final training; 0: the recipe's.
-        workers: Pods of each PyTorchJob (Master + Workers); one node locally.
+        workers: Pods (nodes) of each training job and trial; one node locally.
         gpus_per_worker: GPUs per pod; 0 trains on CPU.
         procs_per_worker: DDP processes per pod; 0: one per GPU, or one without GPUs.
-        backend: kubernetes (PyTorchJob, Katib, KServe) or local (torchrun, optuna, a ModelServer process).
+        backend: kubernetes (a training job, Katib, KServe) or local (torchrun, optuna, a ModelServer process).
+        training_api: kubernetes: pytorchjob (Kubeflow Training Operator v1) or trainjob (Kubeflow Trainer v2, the
+            torch-distributed runtime) for the training job and the Katib trials.
         run_name: Name of the training run, model and search; empty: derived from the pipeline run's id.
         model_name: The endpoint: its model name (/v1/models/NAME:predict), InferenceService and record
             (serving/NAME.json).
@@ -128,14 +131,14 @@ def bin_counting(
     sharded = _on_cluster(c.shard(splits=prepared.outputs["splits"], recipe=recipe, image_size=image_size,
                                   min_images=shard_min_images), WORKING)
     sizes = {"workers": workers, "gpus_per_worker": gpus_per_worker, "procs_per_worker": procs_per_worker}
-    searched = _on_cluster(c.tune(splits=prepared.outputs["splits"], backend=backend, run_name=run_name,
-                                  job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, space=space, recipe=recipe, arch=arch,
-                                  weights=weights,
-                                  freeze=freeze, image_size=image_size, trial_epochs=trial_epochs, trials=trials,
-                                  parallel_trials=parallel_trials, **sizes), LAUNCHING).after(sharded)
-    trained = _on_cluster(c.train(splits=prepared.outputs["splits"], best=searched.outputs["best"], backend=backend,
-                                  run_name=run_name, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, epochs=epochs, **sizes),
-                          LAUNCHING)
+    runs = {"backend": backend, "training_api": training_api, "run_name": run_name,
+            "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+    searched = _on_cluster(c.tune(splits=prepared.outputs["splits"], space=space, recipe=recipe, arch=arch,
+                                  weights=weights, freeze=freeze, image_size=image_size, trial_epochs=trial_epochs,
+                                  trials=trials, parallel_trials=parallel_trials, **runs, **sizes),
+                           LAUNCHING).after(sharded)
+    trained = _on_cluster(c.train(splits=prepared.outputs["splits"], best=searched.outputs["best"], epochs=epochs,
+                                  **runs, **sizes), LAUNCHING)
     evaluated = _on_cluster(c.evaluate(splits=prepared.outputs["splits"], model=trained.outputs["model"]), WORKING)
     gated = _on_cluster(c.gate(splits=prepared.outputs["splits"], model=trained.outputs["model"], endpoint=model_name,
                                accuracy=evaluated.outputs["Output"], deploy_threshold=deploy_threshold,

@@ -28,8 +28,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from bincount.config import (AuditConfig, DownloadConfig, EdaConfig, EvaluateConfig, JobResources, PrepareConfig,
-                             ShardConfig, SyntheticConfig, TrainJob, TuneJob, from_dict, load_train_config, to_dict)
+from bincount.config import (AuditConfig, ClusterConfig, DownloadConfig, EdaConfig, EvaluateConfig, JobResources,
+                             PrepareConfig, ShardConfig, SyntheticConfig, TrainJob, TuneJob, from_dict,
+                             load_train_config, to_dict)
 from bincount.errors import BincountError, ConfigError
 from bincount.store import Store, open_store
 
@@ -61,18 +62,12 @@ def _result(line: str) -> None:
 
 def run_id(run_name: str, job_id: str) -> str:
     """The run's name in the store and on the cluster: the given one, or one derived from the pipeline job, so
-    a retried KFP run resumes its own checkpoints. It names PyTorchJobs and Katib trials, hence a DNS label."""
+    a retried KFP run resumes its own checkpoints. It names training jobs and Katib trials, hence a DNS label."""
     run = run_name or "bc-" + re.sub(r"[^a-z0-9]", "", job_id.lower())[:8]
     if not RUN_RE.match(run):
         raise ConfigError(f"run name {run!r} must be a lower-case DNS label of at most 30 characters starting with "
-                          "a letter (it names the PyTorchJob, the Katib experiment and its trials)")
+                          "a letter (it names the training job, the Katib experiment and its trials)")
     return run
-
-
-def job_resources(workers: int, gpus_per_worker: int, procs_per_worker: int) -> JobResources:
-    """`procs_per_worker` 0 means one process per GPU, or one on a CPU-only worker."""
-    procs = procs_per_worker or max(1, gpus_per_worker)
-    return JobResources(workers=workers, procs_per_worker=procs, gpus_per_worker=gpus_per_worker)
 
 
 def _store(artifact: Any) -> str:
@@ -194,9 +189,9 @@ def model_settings(recipe: str, arch: str, weights: str, freeze: str, image_size
 
 
 @stage
-def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, recipe: str, arch: str, weights: str,
-         freeze: str, image_size: int, trial_epochs: int, trials: int, parallel_trials: int, workers: int,
-         gpus_per_worker: int, procs_per_worker: int, best: Any, tuning_report: Any) -> None:
+def tune(splits: Any, backend: str, training_api: str, run_name: str, job_id: str, space: str, recipe: str, arch: str,
+         weights: str, freeze: str, image_size: int, trial_epochs: int, trials: int, parallel_trials: int,
+         workers: int, gpus_per_worker: int, procs_per_worker: int, best: Any, tuning_report: Any) -> None:
     from bincount.backends import get_backend
     from bincount.tune.results import best_json
 
@@ -204,12 +199,12 @@ def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, reci
     trial = {**model_settings(recipe, arch, weights, freeze, image_size), "epochs": trial_epochs,
              "precision": "auto"}
     sized = search_space(space, experiment, trials, parallel_trials, trial,
-                         job_resources(workers, gpus_per_worker, procs_per_worker))
+                         JobResources.sized(workers, gpus_per_worker, procs_per_worker))
     with tempfile.TemporaryDirectory(prefix="bincount-space-") as tmp:
         path = Path(tmp, "tuning.yaml")
         path.write_text(yaml.safe_dump(to_dict(sized), sort_keys=False))
-        result = get_backend(backend).tune(TuneJob(store=_store(splits), dataset=splits.metadata["dataset"],
-                                                   space=str(path), experiment=experiment))
+        job = TuneJob(store=_store(splits), dataset=splits.metadata["dataset"], space=str(path), experiment=experiment)
+        result = get_backend(backend, ClusterConfig(training_api=training_api)).tune(job)
     print(result.table(), flush=True)
     if result.best is None:
         raise BincountError(f"experiment {experiment}: no trial succeeded; trials in {result.location}/trials.csv")
@@ -227,8 +222,8 @@ def tune(splits: Any, backend: str, run_name: str, job_id: str, space: str, reci
 
 
 @stage
-def train(splits: Any, best: Any, backend: str, run_name: str, job_id: str, epochs: int, workers: int,
-          gpus_per_worker: int, procs_per_worker: int, model: Any, metrics: Any) -> None:
+def train(splits: Any, best: Any, backend: str, training_api: str, run_name: str, job_id: str, epochs: int,
+          workers: int, gpus_per_worker: int, procs_per_worker: int, model: Any, metrics: Any) -> None:
     """The best trial's settings, for `epochs` (0: the recipe's)."""
     from bincount.backends import get_backend
     from bincount.model.exported import META_FILE, MODEL_FILE
@@ -238,7 +233,8 @@ def train(splits: Any, best: Any, backend: str, run_name: str, job_id: str, epoc
     store = _store(splits)
     cfg = load_train_config(None, {**settings, "store": store, "dataset": splits.metadata["dataset"], "run": run,
                                    "epochs": epochs or None})
-    outcome = get_backend(backend).train(TrainJob(cfg, job_resources(workers, gpus_per_worker, procs_per_worker)))
+    resources = JobResources.sized(workers, gpus_per_worker, procs_per_worker)
+    outcome = get_backend(backend, ClusterConfig(training_api=training_api)).train(TrainJob(cfg, resources))
     _fetch(open_store(outcome.model), {Path(model.path) / file: file for file in (MODEL_FILE, META_FILE)})
     meta = json.loads((Path(model.path) / META_FILE).read_text())
     model.metadata.update({"store_uri": outcome.model, "store": store, "run": run, "arch": meta["arch"],

@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from bincount.config import TRAIN_FLAGS, TrainConfig, load_train_config
 from bincount.errors import BincountError, exit_status
 
-DESCRIPTION = "train a model on a prepared dataset (also under torchrun / a PyTorchJob)"
+DESCRIPTION = "train a model on a prepared dataset (also under torchrun, or in a PyTorchJob or TrainJob)"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bincount train", description=DESCRIPTION)
+def parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The trainer's flags (without -h, as a parent of `bincount train`'s parser, which adds where to train)."""
+    p = argparse.ArgumentParser(prog="bincount train", description=DESCRIPTION, add_help=add_help)
     p.add_argument("--store", help="store root holding datasets/NAME/")
     p.add_argument("--dataset", help="dataset name")
     p.add_argument("--run", "--run-id", dest="run", help="run id: checkpoints/RUN/ (a rerun resumes) and "

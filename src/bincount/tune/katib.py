@@ -1,21 +1,36 @@
-"""The kubernetes backend of `bincount tune`: the search space as a Katib Experiment whose trials are PyTorchJobs.
+"""The kubernetes backend of `bincount tune`: the search space as a Katib Experiment whose trials are the cluster's
+training job (PyTorchJobs, or Trainer v2 TrainJobs).
 
-Creates the Experiment (or follows the one of that name, if it is the same search), prints each change of the
-Experiment and of its Trials until it ends, then writes the outputs local tuning writes: best.json from
-`status.currentOptimalTrial`, trials.csv and the report from the Trial objects. Katib reports each metric's
-min, max and latest; a trial's value is the objective's max (maximize) or min (minimize), Katib's default
-metric strategy, which is also how the local twin scores a trial.
+Creates the typed Experiment (or follows the one of that name, if it is the same search), prints each change of
+the Experiment and of its Trials until it ends, then writes the outputs local tuning writes: best.json from
+`status.currentOptimalTrial`, trials.csv and the report from the Trial objects, read as kubeflow-katib-api's typed
+`V1beta1Experiment` and `V1beta1Trial`. Katib reports each metric's min, max and latest; a trial's value is the
+objective's max (maximize) or min (minimize), Katib's default metric strategy, which is also how the local twin
+scores a trial.
+
+The kubeflow SDK's optimizer API (`OptimizerClient`, 0.5) is not used, because it cannot express this search:
+- create: `optimize()` builds its own Experiment from a `TrainJobTemplate` whose trainer is a Python function (it
+  fills the function's arguments from the parameters) under a generated name; it cannot run our container's
+  command with the parameters as its flags, PyTorchJob trials, the StdOut collector's metric format, median
+  stopping, a goal or algorithm settings, nor follow an Experiment by its name.
+- watch: `get_job()` and `wait_for_job_status()` read the algorithm only as random or grid (tuning.yaml's default
+  is tpe) and a parameter only as categorical or min/max (not discrete), and look up every trial as a TrainJob, so a
+  PyTorchJob trial fails the read.
+- best trial: `get_best_results()` returns the parameters and metrics without the trial's name, and first reads
+  the best trial's TrainJob, which Katib has deleted once the trial finished unless the template retains it.
 """
 
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from typing import Any
+
+from kubeflow_katib_api.models import V1beta1Experiment, V1beta1Observation, V1beta1Trial
 
 from bincount.config import ClusterConfig, TuneJob
 from bincount.errors import ConfigError
 from bincount.k8s.launch import EXPERIMENT, TRIAL, Cluster, JobFailed, LaunchTimeout, NotFound
+from bincount.k8s.resources import as_dict
 from bincount.store import open_store
 from bincount.tune import results
 from bincount.tune.results import Progress, TrialRecord, TuneResult, say
@@ -35,7 +50,7 @@ def run_katib(job: TuneJob, cluster: Cluster | None = None, progress: Progress =
     store = open_store(job.store)
     require_dataset(store, job.dataset)
     cluster = cluster or Cluster.connect(ClusterConfig())
-    body = space.render(name, job.store, job.dataset, cluster.config)
+    body = as_dict(space.render(name, job.store, job.dataset, cluster.config))
     try:
         existing = cluster.get(EXPERIMENT, name)
     except NotFound:
@@ -49,7 +64,8 @@ def run_katib(job: TuneJob, cluster: Cluster | None = None, progress: Progress =
         progress(f"following the existing Experiment {name}")
     final = _follow(cluster, name, space, job, progress)
     trials = [trial_record(space, t) for t in cluster.list(TRIAL, f"{EXPERIMENT_LABEL}={name}")]
-    result = TuneResult(name, "kubernetes", space, trials, optimal_trial(space, final, trials),
+    result = TuneResult(name, "kubernetes", space, trials,
+                        optimal_trial(space, V1beta1Experiment.from_dict(final), trials),
                         store.url(results.prefix(name)))
     results.write(store, result)
     state = EXPERIMENT.state(final)
@@ -100,14 +116,14 @@ def _trial_line(space: SearchSpace, record: TrialRecord) -> str:
     return f"trial {record.name}: {record.state}{value} [{settings}]{why}"
 
 
-def _metrics(observation: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+def _metrics(observation: V1beta1Observation | None) -> dict[str, dict[str, float]]:
     """Katib's observed metrics, {name: {min, max, latest}}, leaving out values it could not read."""
     out: dict[str, dict[str, float]] = {}
-    for metric in (observation or {}).get("metrics") or []:
+    for metric in (observation and observation.metrics) or []:
         for key in ("min", "max", "latest"):
             try:
-                out.setdefault(metric["name"], {})[key] = float(metric[key])
-            except (KeyError, TypeError, ValueError):
+                out.setdefault(metric.name, {})[key] = float(getattr(metric, key))
+            except (TypeError, ValueError):
                 pass
     return out
 
@@ -116,35 +132,36 @@ def _value(space: SearchSpace, metrics: dict[str, dict[str, float]]) -> float | 
     return metrics.get(space.objective.metric, {}).get("max" if space.objective.goal == "maximize" else "min")
 
 
-def _assignments(space: SearchSpace, assignments: list[dict[str, Any]] | None) -> dict[str, Any]:
-    return space.typed_parameters({a["name"]: a["value"] for a in assignments or []})
+def _assignments(space: SearchSpace, assignments: list[Any] | None) -> dict[str, Any]:
+    return space.typed_parameters({a.name: a.value for a in assignments or []})
 
 
-def trial_record(space: SearchSpace, trial: dict[str, Any]) -> TrialRecord:
-    status = trial.get("status") or {}
-    true = [c for c in status.get("conditions") or [] if c.get("status") == "True"]
-    last = true[-1] if true else {}
-    state = TRIAL_STATES.get(last.get("type"), results.RUNNING)
-    metrics = _metrics(status.get("observation"))
+def _latest(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {k: v["latest"] for k, v in metrics.items() if "latest" in v}
+
+
+def trial_record(space: SearchSpace, obj: dict[str, Any]) -> TrialRecord:
+    trial = V1beta1Trial.from_dict(obj)
+    status = trial.status
+    true = [c for c in (status and status.conditions) or [] if c.status == "True"]
+    last = true[-1] if true else None
+    state = TRIAL_STATES.get(last.type if last else "", results.RUNNING)
+    metrics = _metrics(status and status.observation)
     seconds = None
-    if status.get("startTime") and status.get("completionTime"):
-        seconds = (datetime.fromisoformat(status["completionTime"]) -
-                   datetime.fromisoformat(status["startTime"])).total_seconds()
-    message = "" if state == results.SUCCEEDED else (last.get("message") or last.get("reason") or "")
-    return TrialRecord(trial["metadata"]["name"], state,
-                       _assignments(space, (trial.get("spec") or {}).get("parameterAssignments")),
-                       _value(space, metrics), {k: v["latest"] for k, v in metrics.items() if "latest" in v},
-                       seconds, message)
+    if status and status.start_time and status.completion_time:
+        seconds = (status.completion_time - status.start_time).total_seconds()
+    message = "" if state == results.SUCCEEDED or not last else (last.message or last.reason or "")
+    return TrialRecord(trial.metadata.name, state, _assignments(space, trial.spec and trial.spec.parameter_assignments),
+                       _value(space, metrics), _latest(metrics), seconds, message)
 
 
-def optimal_trial(space: SearchSpace, experiment: dict[str, Any], trials: list[TrialRecord]) -> TrialRecord | None:
+def optimal_trial(space: SearchSpace, experiment: V1beta1Experiment, trials: list[TrialRecord]) -> TrialRecord | None:
     """The Experiment's own verdict, `status.currentOptimalTrial`: its name, assignments and observation."""
-    optimal = (experiment.get("status") or {}).get("currentOptimalTrial") or {}
-    name = optimal.get("bestTrialName")
-    if not name:
+    optimal = experiment.status and experiment.status.current_optimal_trial
+    if not (optimal and optimal.best_trial_name):
         return None
-    metrics = _metrics(optimal.get("observation"))
+    name = optimal.best_trial_name
+    metrics = _metrics(optimal.observation)
     state = next((t.state for t in trials if t.name == name), results.SUCCEEDED)
-    return TrialRecord(name, state, _assignments(space, optimal.get("parameterAssignments")), _value(space, metrics),
-                       {k: v["latest"] for k, v in metrics.items() if "latest" in v},
-                       next((t.seconds for t in trials if t.name == name), None))
+    return TrialRecord(name, state, _assignments(space, optimal.parameter_assignments), _value(space, metrics),
+                       _latest(metrics), next((t.seconds for t in trials if t.name == name), None))

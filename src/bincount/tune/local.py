@@ -51,7 +51,7 @@ from bincount import processes
 from bincount.config import TuneJob
 from bincount.data.dataset import default_cache_root
 from bincount.errors import BincountError, ConfigError
-from bincount.k8s.resources import METRICS_FORMAT, RUN_FLAG
+from bincount.k8s.conventions import METRICS_FORMAT, RUN_FLAG
 from bincount.store import KeyNotFoundError, Store, open_store
 from bincount.train import entry
 from bincount.train.loop import checkpoint_key

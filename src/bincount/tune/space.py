@@ -15,14 +15,18 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bincount.config import (TRAIN_FLAGS, ClusterConfig, JobResources, TrainConfig, from_dict, load_config,
                              load_train_config)
 from bincount.data.prepare import dataset_key
 from bincount.errors import ConfigError
-from bincount.k8s.resources import ExperimentSpec, SearchParameter, experiment
 from bincount.store import Store
+
+if TYPE_CHECKING:                               # the cluster SDKs load only where a cluster is used
+    from kubeflow_katib_api.models import V1beta1Experiment
+
+    from bincount.k8s.experiment import ExperimentSpec, SearchParameter
 
 DEFAULT_SPACE = "tuning.yaml"
 PARAMETER_TYPES = ("double", "int", "categorical", "discrete")
@@ -150,6 +154,8 @@ class Parameter:
 
     def katib(self) -> SearchParameter:
         """Katib's feasibleSpace: numbers as text, the log scale as its logUniform distribution."""
+        from bincount.k8s.experiment import SearchParameter
+
         ranged = self.type in ("double", "int")
         return SearchParameter(self.name, self.type, self.flag,
                                min=text(self.min) if ranged else None, max=text(self.max) if ranged else None,
@@ -334,6 +340,8 @@ class SearchSpace:
         return {p.name: p.distribution() for p in self.parameters}
 
     def experiment_spec(self, name: str, store: str, dataset: str) -> ExperimentSpec:
+        from bincount.k8s.experiment import ExperimentSpec
+
         check_name(name)
         stop = self.early_stopping
         return ExperimentSpec(
@@ -345,8 +353,11 @@ class SearchSpace:
             early_stopping=stop.algorithm if stop else None,
             early_stopping_settings=stop.katib_settings() if stop else {})
 
-    def render(self, name: str, store: str, dataset: str, cluster: ClusterConfig | None = None) -> dict[str, Any]:
-        """The Katib Experiment: what `bincount tune render` prints and the kubernetes backend creates."""
+    def render(self, name: str, store: str, dataset: str, cluster: ClusterConfig | None = None) -> V1beta1Experiment:
+        """The Katib Experiment: what `bincount tune render` prints and the kubernetes backend creates; its trials
+        run in the cluster's training API."""
+        from bincount.k8s.experiment import experiment
+
         return experiment(self.experiment_spec(name, store, dataset), cluster)
 
 
