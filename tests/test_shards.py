@@ -295,8 +295,10 @@ def test_forced_shards_without_shards_and_bad_shard_options_fail_with_one_clear_
 
 
 def test_cluster_jobs_reach_the_store_by_secret_and_the_gpu_overlay_sizes_each_ranks_loader():
-    """What a multi-node PyTorchJob and a Katib trial need to stream shards, read from the builders' profiles."""
+    """What a multi-node PyTorchJob and a Katib trial need to stream shards, read from the builders' profiles: the
+    store's settings, its keys as files of the mounted S3 Secret, and a loader sized per rank."""
     from bincount.config import ClusterConfig
+    from bincount.k8s.conventions import CREDENTIALS_DIR
     from bincount.k8s.manifests import profiles, stages
     from bincount.train import entry
 
@@ -304,12 +306,16 @@ def test_cluster_jobs_reach_the_store_by_secret_and_the_gpu_overlay_sizes_each_r
     gpu = profiles(cluster)["gpu"]
     job = stages(gpu, cluster)["training"]["pytorchjob.yaml"][0]
     for replica in job["spec"]["pytorchReplicaSpecs"].values():
-        (container,) = replica["template"]["spec"]["containers"]
+        pod = replica["template"]["spec"]
+        (container,) = pod["containers"]
         env = {e["name"]: e for e in container["env"]}
         assert env["S3_ENDPOINT"]["value"] == cluster.s3_endpoint
-        assert all(env[k]["valueFrom"]["secretKeyRef"]["name"] == cluster.s3_secret
-                   for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+        assert {env[f"{k}_FILE"]["value"] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")} == {
+            f"{CREDENTIALS_DIR}/AWS_ACCESS_KEY_ID", f"{CREDENTIALS_DIR}/AWS_SECRET_ACCESS_KEY"}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert [mounts[name] for name, secret in secrets.items() if secret == cluster.s3_secret] == [CREDENTIALS_DIR]
         cfg = entry.config(entry.parser().parse_args(container["args"]))
         assert cfg.data == "auto" and cfg.workers == gpu.training.cpu_threads - 2 and cfg.prefetch_factor == 4
     trial = json.dumps(stages(gpu, cluster)["tuning"]["experiment.yaml"][0]["spec"]["trialTemplate"])
-    assert "prefetch_factor=4" in trial and "secretKeyRef" in trial
+    assert "prefetch_factor=4" in trial and cluster.s3_secret in trial and "AWS_ACCESS_KEY_ID_FILE" in trial
