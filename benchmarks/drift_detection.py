@@ -17,6 +17,10 @@ noise bound at significance 0.001) and the rates of flagged windows are printed,
 them and their median PSI.
 
     python benchmarks/drift_detection.py [--draws 20] [--photos 200]
+
+Measured 2026-12-06 (defaults, 2 cores, 592 s): fresh 0/20 flagged (median PSI 0.05-0.07 per feature),
+re-encoded 0/20, darkened 20/20 (brightness PSI 12.0, contrast, sharpness), blurred 20/20 (sharpness 7.7),
+cropped 20/20 (size 9.0, contrast, sharpness; aspect in 16).
 """
 
 from __future__ import annotations
