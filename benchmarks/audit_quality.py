@@ -175,7 +175,7 @@ def evaluate_set(photos: str, args: argparse.Namespace, root: Path) -> dict:
             **flag_rows(scores, planted),
         })
     accuracy = sum(predicted[k] == truth[k] for k in truth) / len(truth)
-    return {"photos": photos, "train": args.train, "bins": len(truth), "planted": round(args.fraction * len(truth)),
+    return {"photos": photos, "train": f"model {args.model}" if args.store else args.train, "bins": len(truth), "planted": round(args.fraction * len(truth)),
             "accuracy": accuracy, "rows": rows, "build_s": built, "audit_s": audited}
 
 
