@@ -374,6 +374,18 @@ def _ids(values: list[str]) -> list[str]:
     return out
 
 
+def _add_scoring(p: argparse.ArgumentParser) -> None:
+    """How a model counts a split's photos (EvaluateConfig's keys): evaluate and the promotion gate read alike."""
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--cache-dir", help="node-local image cache")
+    p.add_argument("--data", choices=["auto", "shards", "cache"], help="read the split from its shards or through "
+                   "the image cache (default auto: shards where packed)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"],
+                   help="default auto: bf16 where fast, as `bincount serve` does")
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with the same keys as the flags; flags override it")
 
@@ -457,14 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset name")
     p.add_argument("--split", help="split to evaluate (default test)")
     p.add_argument("--out", help="output directory or store URI for metrics.json and the confusion matrix")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--cache-dir", help="node-local image cache")
-    p.add_argument("--data", choices=["auto", "shards", "cache"], help="read the split from its shards or through "
-                   "the image cache (default auto: shards where packed)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"],
-                   help="default auto: bf16 where fast, as `bincount serve` does")
+    _add_scoring(p)
     _add_config(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -603,12 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--confidence", type=float, help="of the bootstrap intervals (default 0.95)")
     rule.add_argument("--bootstrap", type=int, help="resamples (default 2000)")
     rule.add_argument("--seed", type=int, help="of the resampling (default 0)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--cache-dir", help="node-local image cache")
-    p.add_argument("--data", choices=["auto", "shards", "cache"])
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp16"])
+    _add_scoring(p)
     _add_config(p)
     p.set_defaults(func=cmd_model_compare)
 
