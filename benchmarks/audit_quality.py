@@ -27,6 +27,13 @@ Measured 2026-12-03 (defaults; AUROC / precision@k, mean ± sd over 20 seeds):
     p_mismatch 0.582 / 0.264, naive 0.492 / 0.136, random 0.508 / 0.167
   Near chance: on bins it has never seen, ~200 photos do not train a model that counts real bins, and the
   audit can only be as good as its model; its probabilities still rank a little above both baselines.
+Measured 2026-12-06 on the real pool (`--sets real --fraction 0.2 --store … --model r0k0-abid --dataset r0k0`:
+the abid recipe trained 1,242 steps on real_recipe.py's fold 0 of the 5,987 photos, 1,997 test photos of unseen
+bins, 399 planted per seed, 20 seeds), test accuracy 0.359:
+    p_mismatch 0.667 / 0.372, naive 0.582 / 0.247, random 0.496 / 0.196
+  error rate estimated from the audit 0.074 (planted 0.20: the weak model's doubt spreads over every bin, so the
+  estimate runs low and the policies err on the side of flagging fewer); flagged at the default target precision
+  0.5: 39 ± 16 bins, expected precision 0.50, planted among them 0.73; the 399 most likely: planted 0.37.
 """
 
 from __future__ import annotations
