@@ -41,7 +41,10 @@ fold, ~530 of them originals), proxy `--set epochs=3 --set tta=none`, balanced a
 Fold to fold the recipe moves by ~0.01-0.02 balanced accuracy; only the same-bin ranking's MAE (+0.05 and +0.06
 with it, on both folds; the gate's paired bootstrap on fold 0: MAE -0.064, 95 % interval -0.105 … -0.023 without
 it) stands clear of that. The original-size photos score as the whole test split (no gap to close by matching the
-224 px photos). FINALS
+224 px photos). At full length (`--only-folds 1 --set steps=1242 --set time_budget=''`: the steps the
+budget gave on the whole pool, 11 epochs of a fold, 69 min on 2 cores shared with other work), with TTA, fold 0:
+the recipe 0.410 / 0.963 (originals 0.404 / 0.987), its validation loss rising from epoch 8 (a fold holds 2/3 of
+the pool, so the same steps are more epochs).
 
     .venv/bin/python benchmarks/real_recipe.py [--pool all|sample] [--folds 5] [--repeats 3]
         [--variants abid,abid-2026-12-06,...] [--only-folds N] [--set KEY=VALUE ...] [--base abid]
