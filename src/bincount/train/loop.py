@@ -234,6 +234,9 @@ def _train(cfg: TrainConfig, d: Dist, started: float) -> TrainResult:
         restore_rng(ckpt["rng"], d, cfg.seed)
         log(f"resuming run {cfg.run} from {store.url(checkpoint_key(cfg.run))} after epoch {state.epoch}"
             + (f", to end on step {plan.total}" if plan.budget_s or cfg.steps else ""))
+        if d.main:      # the checkpoint's own epochs, for a collector that reads only this process (Katib's, a tuner)
+            for record in state.history:
+                print(metric_line(record), flush=True)
     else:
         seed_everything(cfg.seed + 1 + d.rank)
     resumed_from = state.epoch

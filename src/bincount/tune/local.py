@@ -54,7 +54,6 @@ from bincount.errors import BincountError, ConfigError
 from bincount.k8s.conventions import METRICS_FORMAT, RUN_FLAG
 from bincount.store import KeyNotFoundError, Store, open_store
 from bincount.train import entry
-from bincount.train.loop import checkpoint_key
 from bincount.tune import results
 from bincount.tune.results import Progress, TrialRecord, TuneResult, say
 from bincount.tune.space import SearchSpace, check_name, load_space, require_dataset, text
@@ -393,18 +392,7 @@ class _Search:
         self.running[trial.number] = current
         threading.Thread(target=_forward, args=(trial.number, proc, self.events), daemon=True).start()
         self.say(f"trial {run} started: {_settings(self.space.typed_parameters(trial.params))}")
-        self._backfill(current)
         self.file.push()
-
-    def _backfill(self, current: _Trial) -> None:
-        """A resumed trial's finished epochs, from the trainer's metric log, as if their lines had been read."""
-        try:
-            lines = self.store.get_text(checkpoint_key(current.run, "metrics.jsonl")).splitlines()
-        except KeyNotFoundError:
-            return
-        for line in lines:
-            record = json.loads(line)
-            self._observe(current, " ".join(f"{k}={v}" for k, v in record.items() if isinstance(v, (int, float))))
 
     def _observe(self, current: _Trial, line: str) -> None:
         """One stdout line, read as Katib's StdOut collector reads it: every `name=value` whose name is a metric."""
