@@ -20,7 +20,7 @@ from bincount.data.abid import image_key
 from bincount.data.dataset import BinImages, ImageCache, Item, load_split
 from bincount.evaluate import predict_log_probs
 from bincount.model.exported import (ExportedModel, Inference, Preprocessing, decode, dihedral_views,
-                                     fit_temperature)
+                                     fit_temperature, resolve_location)
 from bincount.model import zoo
 from bincount.model.zoo import LITE_MEAN, LITE_STD, build_model
 from bincount.serve.local import start
@@ -50,6 +50,17 @@ def test_temperature_fit_recovers_a_known_temperature():
     logits = torch.randn(4000, 5) * 3
     targets = torch.distributions.Categorical(logits=logits / 2.0).sample()     # labels drawn at temperature 2
     assert fit_temperature(logits.log_softmax(1), targets) == pytest.approx(2.0, rel=0.08)
+
+
+def test_a_run_name_resolves_into_the_store_unless_a_local_model_directory_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "champion").mkdir()                     # a folder that happens to share the run's name
+    assert resolve_location("champion", "s3://b") == "s3://b/models/champion"
+    assert resolve_location("models/champion/", "s3://b") == "s3://b/models/champion"
+    (tmp_path / "champion" / "model.json").write_text("{}")
+    assert resolve_location("champion", "s3://b") == "champion"
+    assert resolve_location(str(tmp_path / "elsewhere"), "s3://b") == str(tmp_path / "elsewhere")
+    assert resolve_location("file:///m", "s3://b") == "file:///m" and resolve_location("champion", None) == "champion"
 
 
 def test_the_server_and_evaluate_feed_the_network_the_same_tensor_for_real_photos(abid_sample, tmp_path):

@@ -227,8 +227,10 @@ def model_version(location: str, meta: dict[str, Any]) -> str:
 
 
 def resolve_location(location: str, store: str | None) -> str:
-    """A model directory or URI as given; a run name (`RUN`) or `models/RUN` relative to the store."""
-    if store and "://" not in location and not Path(location).is_dir():
+    """A model directory or URI as given; a run name (`RUN`) or `models/RUN` relative to the store — even where
+    the working directory happens to hold a folder of that name that is no model."""
+    local = Path(location)
+    if store and "://" not in location and not local.is_absolute() and not (local / META_FILE).is_file():
         run = location.strip("/")
         run = run[len("models/"):] if run.startswith("models/") else run
         return f"{store.rstrip('/')}/models/{run}"
