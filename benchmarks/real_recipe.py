@@ -22,13 +22,13 @@ paired difference to `--base` on the same folds (with how many folds it was high
 fold's numbers as JSON, and a rerun with the same `--work` and `--out` resumes.
 
 A full training on the pool's folds takes ~45 minutes of 2 cores, so variants are screened on a proxy (all of
-them on 2 folds, a shorter schedule: `--only-folds 2 --set epochs=3 --set tta=none`) and only the finalists
-confirmed at full budget on every fold (`--set steps=N`, N the steps the recipe's time budget gives on the whole
-pool).
+them on 2 folds, a shorter schedule: `--only-folds 2 --set epochs=3 --set tta=none --set time_budget=''`) and
+only the finalists confirmed at full budget on every fold (`--set steps=N --set time_budget=''`, N the steps the
+recipe's time budget gives on the whole pool).
 
 Measured 2026-12-06 on the pool (3 folds of whole bins, ~3,590 training / ~400 validation / ~2,000 test photos a
-fold, ~530 of them originals), proxy `--set epochs=3 --set tta=none`, balanced accuracy / MAE on all test photos
-(originals only in brackets), the recipe then with the same-bin ranking at weight 1:
+fold, ~530 of them originals), that proxy (one seed; "-": not run), balanced accuracy / MAE on all test photos
+(originals only in brackets):
 
     variant                                  fold 0                              fold 1
     same-bin ranking 1 (the recipe then)     0.382 / 1.070 (0.391 / 1.071)       0.386 / 1.024 (0.381 / 1.054)
@@ -37,9 +37,16 @@ fold, ~530 of them originals), proxy `--set epochs=3 --set tta=none`, balanced a
     frozen to blocks.1, 1.5x the steps       0.391 / 1.029 (0.403 / 0.992)       0.370 / 1.007 (0.371 / 1.058)
     lite1 at 240 px, 0.64x the steps         0.361 / 1.097 (0.348 / 1.086)       0.355 / 1.128 (0.360 / 1.140)
     balanced decoding offsets (re-exported)  0.388 / 1.020                       0.377 / 1.189
+    at 256 px, 0.77x the steps               0.401 / 0.958 (0.403 / 0.983)       0.377 / 1.055 (0.371 / 1.110)
+    lite2 at 260 px, 0.45x the steps         0.328 / 1.197 (0.348 / 1.002)       -
+    ema, half-life 0.5 epochs                0.397 / 0.980 (0.402 / 0.964)       -
+    ce with label smoothing 0.1              0.396 / 1.079 (0.397 / 1.078)       -
+    stochastic depth 0.1                     0.381 / 1.023 (0.390 / 0.990)       -
+    stronger augmentation (counting-strong)  0.394 / 1.060 (0.407 / 1.013)       -
+    corn (head and loss)                     0.403 / 1.013 (0.408 / 1.013)       -
 
-Fold to fold the recipe moves by ~0.01-0.02 balanced accuracy; only the same-bin ranking's MAE (+0.05 and +0.06
-with it, on both folds; the gate's paired bootstrap on fold 0: MAE -0.064, 95 % interval -0.105 … -0.023 without
+Fold to fold the recipe moves by ~0.02 balanced accuracy and ~0.03 MAE; only the same-bin ranking's MAE (+0.05 and
++0.06 with it, on both folds; the gate's paired bootstrap on fold 0: MAE -0.064, 95 % interval -0.105 … -0.023 without
 it) stands clear of that. The original-size photos score as the whole test split (no gap to close by matching the
 224 px photos). At full length (`--only-folds 1 --set steps=1242 --set time_budget=''`: the steps the
 budget gave on the whole pool, 11 epochs of a fold, 69 min on 2 cores shared with other work), with TTA, fold 0:
