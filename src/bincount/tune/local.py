@@ -85,7 +85,7 @@ def run_local(job: TuneJob, progress: Progress = say) -> TuneResult:
     forks = _fork_server() if space.resources.procs_per_worker == 1 else None
     study_file = StudyFile(store, f"{results.prefix(name)}/study.db", workdir / "study.db")
     study_file.pull()
-    search = _Search(space, name, job, store, study_file, workdir / "logs", progress, forks)
+    search = _Search(space, name, job, study_file, workdir / "logs", progress, forks)
     with _sigterm_as_interrupt():
         search.run()
     trials = search.records()
@@ -297,9 +297,9 @@ class _Trial:
 
 
 class _Search:
-    def __init__(self, space: SearchSpace, name: str, job: TuneJob, store: Store, study_file: StudyFile,
-                 logs: Path, progress: Progress, forks: multiprocessing.context.ForkServerContext | None):
-        self.space, self.name, self.job, self.store, self.file, self.logs = space, name, job, store, study_file, logs
+    def __init__(self, space: SearchSpace, name: str, job: TuneJob, study_file: StudyFile, logs: Path,
+                 progress: Progress, forks: multiprocessing.context.ForkServerContext | None):
+        self.space, self.name, self.job, self.file, self.logs = space, name, job, study_file, logs
         self.say, self.forks = progress, forks
         self.study = open_study(space, name, study_file.url)
         self.budget = space.max_trials
