@@ -19,7 +19,9 @@ It prints, per variant, the mean ± std over folds of balanced accuracy, MAE, wi
 error over all test photos and over the original-size ones only (4,412 of abid-more's photos were published
 stretched to 224 px; users send originals), the training time per epoch (on this machine), and each variant's
 paired difference to `--base` on the same folds (with how many folds it was higher on); `--out` keeps every
-fold's numbers as JSON, and a rerun with the same `--work` and `--out` resumes.
+fold's numbers as JSON, and a rerun with the same `--work` and `--out` resumes: finished folds are kept, and a
+training killed mid-way continues from its last checkpoint (a `--work` made with other `--set`, pool or folds is
+refused, so a resume never continues another schedule).
 
 A full training on the pool's folds takes ~45 minutes of 2 cores, so variants are screened on a proxy (all of
 them on 2 folds, a shorter schedule: `--only-folds 2 --set epochs=3 --set tta=none --set time_budget=''`) and
@@ -172,6 +174,21 @@ def link_pool(root: Path, pool: str) -> None:
                         shutil.copyfile(path, link)
 
 
+def claim_work(work: Path, made_with: dict) -> str | None:
+    """Record what the work dir's runs are made with; the reason to refuse a rerun made with anything else."""
+    path = work / "made_with.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != made_with:
+            changed = [f"{k} {before.get(k)!r} → {made_with.get(k)!r}" for k in sorted({*before, *made_with})
+                       if before.get(k) != made_with.get(k)]
+            return (f"{work} holds runs made with other settings ({'; '.join(changed)}); "
+                    "use another --work (and --out) to start afresh")
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(made_with, indent=1, sort_keys=True))
+    return None
+
+
 def write_fold(store_root: Path, name: str, splits: dict[str, list[Sample]], bin_of: dict[str, str]) -> None:
     """The split manifests as prepare writes them: a photo of a bin with several photos carries the bin."""
     for split, samples in splits.items():
@@ -221,7 +238,7 @@ def run_trained(variant: str, store: str, fold: str, cache: Path, scratch: Path,
     run = f"{fold}-{variant.strip('-').replace(' ', '_').replace('(', '').replace(')', '')}"
     values = settings(variant, common)
     scale = values.pop("steps_scale", None)
-    base = {"store": store, "dataset": fold, "run": run, "cache_dir": str(cache), "resume": False}
+    base = {"store": store, "dataset": fold, "run": run, "cache_dir": str(cache), "resume": True}
     if scale is not None:
         reference = load_train_config(None, {**values, **base})
         per_epoch = len(load_split(open_store(store), fold, "train", CLASSES)) // reference.batch_size
@@ -346,6 +363,11 @@ def main() -> int:
     original = originals(args.pool)
     with tempfile.TemporaryDirectory(prefix="bincount-real-recipe-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
+        refused = claim_work(work, {"pool": args.pool, "folds": args.folds, "split_by": args.split_by,
+                                    "val_share": val_share, "set": common})
+        if refused:
+            print(refused, file=sys.stderr)
+            return 2
         root = work / "store"
         link_pool(root, args.pool)
         folds = make_folds(root, args.folds, args.repeats, args.split_by == "bin", val_share)
