@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import random
 import subprocess
 import sys
 import tarfile
@@ -20,14 +21,16 @@ from bincount.cli import main
 from bincount.config import PrepareConfig, ShardConfig, SyntheticConfig
 from bincount.data import shards
 from bincount.data.abid import image_key
-from bincount.data.dataset import load_split
+from bincount.data.dataset import Item, load_split
 from bincount.data.prepare import prepare
 from bincount.data.synthetic import generate
 from bincount.model.preprocess import read_image
 from bincount.processes import free_port
 from bincount.store import open_store
-from bincount.train.loop import checkpoint_key, weights_digest
-from training_data import DATASET, subprocess_env, tiny_args, train_command, train_full_and_kill_resumed
+from bincount.train import losses, sampling
+from bincount.train.loop import checkpoint_key, train, weights_digest
+from training_data import (DATASET, subprocess_env, tiny_args, tiny_config, train_command,
+                           train_full_and_kill_resumed, with_bins)
 
 CLASSES = [1, 2, 3, 4, 5]
 SIZE = 48
@@ -161,6 +164,56 @@ def test_shuffled_stream_is_the_same_for_an_epoch_and_changes_between_epochs(pac
     assert len(first) == len(shards.ShardStream(packed, index, CLASSES, batch_size=4, drop_last=True))
 
 
+def test_packing_keeps_a_bins_photos_in_one_shard_and_cuts_between_bins():
+    items = [Item(f"k{i}", 1 + i % 5, "b" if i < 12 else f"c{i // 2}" if i < 20 else "") for i in range(30)]
+    cut = list(shards.chunks(items, 5, random.Random(0)))
+    assert sorted(i.key for chunk in cut for i in chunk) == sorted(i.key for i in items)
+    assert [len(c) for c in cut if any(i.bin == "b" for i in c)] == [12]      # larger than a shard: one of its own
+    assert all(len(c) <= 5 for c in cut if not any(i.bin == "b" for i in c))
+    for chunk in cut:
+        for b in {i.bin for i in chunk} - {""}:
+            members = [n for n, i in enumerate(chunk) if i.bin == b]
+            assert members == list(range(members[0], members[0] + len(members)))     # side by side
+            assert len(members) == sum(i.bin == b for i in items)                    # whole
+
+
+def test_the_same_bin_ranking_trains_from_shards_with_a_bins_photos_in_one_batch(packed, tmp_path, monkeypatch,
+                                                                                  capsys):
+    twins = with_bins(packed)
+    shards.pack(ShardConfig(store=packed, name=f"{DATASET}-bins", image_size=SIZE, shard_samples=9, workers=2))
+    index = shards.read_index(open_store(packed), f"{DATASET}-bins", "train")
+    assert sum(bool(i.bin) for i in index.items()) == 2 * twins
+    bins = sampling.bin_ids(index.items())
+    stream = shards.ShardStream(packed, index, CLASSES, batch_size=4, shuffle=True, drop_last=True, seed=1,
+                                buffer=16, bins=bins)
+    order = [b for _, _, b in stream]
+    runs = [b for n, b in enumerate(order) if b >= 0 and (n == 0 or order[n - 1] != b)]
+    assert len(runs) == len(set(runs)) >= twins - 1     # every bin one run through the buffer (the tail may drop)
+
+    compared = []
+    ranking = losses.same_bin_ranking
+
+    def counting(logits, y, bins, values):
+        compared.append(int(((bins[:, None] == bins[None, :]) & (bins[:, None] >= 0) & (y[:, None] > y[None, :]))
+                            .sum()))
+        return ranking(logits, y, bins, values)
+
+    monkeypatch.setattr(losses, "same_bin_ranking", counting)
+    train(tiny_config(packed, "shard-bins", tmp_path / "cache", dataset=f"{DATASET}-bins", data="shards",
+                      same_bin_rank_weight=1.0, epochs=2, batch_size=8, workers=2))
+    err = "\n".join(_errors(capsys))
+    assert "data: shards" in err and f"same-bin ranking: {2 * twins} training photos in {twins} bins" in err
+    # shuffled photo by photo, ~7/N of pairs would share a batch of 8; whole bins split only at a batch's edge
+    assert twins >= 8 and sum(compared) >= 2 * 0.7 * twins, (compared, twins)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_index_packed_by_an_older_version_asks_for_a_repack(packed):
+    old = json.loads(_index(packed).to_json()) | {"version": 2}
+    with pytest.raises(shards.ShardError, match="version 2.*rerun `bincount data shard`"):
+        shards.ShardIndex.from_json(json.dumps(old), "s3://x/index.json")
+
+
 def test_training_streams_shards_without_a_local_cache_and_resumes_to_the_uninterrupted_weights(packed, tmp_path):
     cache = tmp_path / "cache"
     args = tiny_args(packed, cache, epochs=3, workers=1, seed=3, data="shards", batch_size=8)
@@ -245,8 +298,7 @@ def _corrupt_first_image(store, index: shards.ShardIndex) -> None:
     data[start:start + 4] = b"junk"
     store.put(_first_shard(index), bytes(data))
     first = index.shards[0]
-    fixed = shards.Shard(first.name, len(data), hashlib.sha256(data).hexdigest(), first.keys, first.labels,
-                         first.offsets)
+    fixed = dataclasses.replace(first, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     _put_index(store, dataclasses.replace(index, shards=(fixed, *index.shards[1:])))
 
 

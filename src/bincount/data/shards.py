@@ -5,12 +5,14 @@ disk; shards cost one ranged GET per worker per shard and no disk. Each split be
 input squares (what `read_image` makes of the photo at the training size): sample i of a shard is the one
 member `{i:08d}-{tag}.jpg|png`, where tag is the CRC-32 of its bin key and label (both kept in the index: one
 tar header per sample, not three, halves the reading cost of small squares), written with webdataset's
-TarWriter and read back with its tar expander and shuffle buffer. The train split is JPEG (quality
+TarWriter and read back with its tar expander and shuffle buffer. A bin photographed several times (prepare's
+`bin`) is packed side by side in one shard and shuffled as one unit, so the same-bin ranking finds its photos in
+one batch as it does from the cache. The train split is JPEG (quality
 by measurement, see `ShardConfig`); val and test are lossless PNG by default, so evaluation and calibration see
 exactly the tensor the server computes from the same photo.
 
 `shards/<split>/index.json` holds the packing parameters, the digest of the split's manifest (a re-prepared
-split makes its shards stale), and per shard its size, sha256, keys, labels and each sample's byte offset: a
+split makes its shards stale), and per shard its size, sha256, keys, labels, bins and each sample's byte offset: a
 reader can start at any sample, and an epoch is partitioned exactly (`epoch_slices`).
 """
 
@@ -48,7 +50,7 @@ from bincount.model.preprocess import CORRUPT, ImageError, read_image
 from bincount.store import KeyNotFoundError, Store, open_store
 
 FORMAT = "webdataset"
-VERSION = 2
+VERSION = 3                     # 3: bins recorded and packed side by side
 INDEX = "index.json"
 ENCODINGS = ("jpeg", "png")
 DATA_MODES = ("auto", "shards", "cache")
@@ -68,6 +70,7 @@ class Shard:
     keys: tuple[str, ...]
     labels: tuple[int, ...]
     offsets: tuple[int, ...]    # where each sample's first member starts, then where the last one ends
+    bins: tuple[str, ...] = ()  # each sample's bin ("" for a photo alone); () where none was recorded
 
     @property
     def samples(self) -> int:
@@ -97,7 +100,8 @@ class ShardIndex:
 
     def items(self) -> list[Item]:
         """The samples in shard order, the order every ordered read yields them in."""
-        return [Item(k, label) for s in self.shards for k, label in zip(s.keys, s.labels)]
+        return [Item(k, label, b) for s in self.shards
+                for k, label, b in zip(s.keys, s.labels, s.bins or ("",) * s.samples)]
 
     def params(self) -> dict:
         return {k: getattr(self, k) for k in ("image_size", "encoding", "quality", "seed", "shard_samples",
@@ -114,11 +118,12 @@ class ShardIndex:
                 raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}, expected "
                                  f"{FORMAT!r} version {VERSION}")
             shards = tuple(Shard(s["name"], int(s["bytes"]), s["sha256"], tuple(map(str, s["keys"])),
-                                 tuple(map(int, s["labels"])), tuple(map(int, s["offsets"])))
-                           for s in raw["shards"])
+                                 tuple(map(int, s["labels"])), tuple(map(int, s["offsets"])),
+                                 tuple(map(str, s["bins"]))) for s in raw["shards"])
             for s in shards:
-                if not (len(s.keys) == len(s.labels) == len(s.offsets) - 1) or s.offsets[-1] > s.bytes:
-                    raise ValueError(f"shard {s.name}: keys, labels and offsets do not line up")
+                if (not (len(s.keys) == len(s.labels) == len(s.bins) == len(s.offsets) - 1)
+                        or s.offsets[-1] > s.bytes):
+                    raise ValueError(f"shard {s.name}: keys, labels, bins and offsets do not line up")
             fields = {f.name for f in dataclasses.fields(cls)} - {"shards", "skipped"}
             return cls(**{k: raw[k] for k in fields}, shards=shards, skipped=tuple(raw.get("skipped", ())))
         except (ValueError, KeyError, TypeError) as e:
@@ -218,8 +223,6 @@ def pack_split(store: Store, cfg: ShardConfig, split: str, items: Sequence[Item]
                                                           for s in old.shards):
         return SplitResult(split, store.url(f"{where}/{INDEX}"), len(old.shards), old.samples, old.bytes, 0,
                            len(old.skipped), time.perf_counter() - start)
-    order = list(items)
-    random.Random(f"{cfg.seed}:{split}").shuffle(order)    # mixed classes in every shard, the same for a seed
     shards: list[Shard] = []
     skipped: list[dict] = []
 
@@ -233,11 +236,10 @@ def pack_split(store: Store, cfg: ShardConfig, split: str, items: Sequence[Item]
         return _encode(square, encoding, cfg.quality)
 
     with ThreadPoolExecutor(cfg.workers) as pool, ThreadPoolExecutor(1) as uploads, \
-            tqdm(total=len(order), unit="img", desc=f"shard {cfg.name}/{split}", file=sys.stderr,
+            tqdm(total=len(items), unit="img", desc=f"shard {cfg.name}/{split}", file=sys.stderr,
                  disable=None) as bar:
         pending = []
-        for first in range(0, len(order), cfg.shard_samples):
-            chunk = order[first:first + cfg.shard_samples]
+        for chunk in chunks(items, cfg.shard_samples, random.Random(f"{cfg.seed}:{split}")):
             samples = []
             for item, data in zip(chunk, pool.map(encode, chunk)):
                 if isinstance(data, str):
@@ -258,6 +260,24 @@ def pack_split(store: Store, cfg: ShardConfig, split: str, items: Sequence[Item]
     store.put_text(f"{where}/{INDEX}", index.to_json())        # last: readers never see shards still missing
     return SplitResult(split, store.url(f"{where}/{INDEX}"), len(shards), index.samples, index.bytes, len(shards),
                        len(skipped), time.perf_counter() - start)
+
+
+def chunks(items: Sequence[Item], size: int, rng: random.Random) -> Iterator[list[Item]]:
+    """The split shuffled (mixed classes in every shard, the same for a seed) in units of a bin's photos, cut into
+    shards of at most `size` samples between units (a bin larger than a shard gets one of its own)."""
+    units: dict[str, list[Item]] = {}
+    for item in items:
+        units.setdefault(item.bin or f"\0{item.key}", []).append(item)
+    order = list(units.values())
+    rng.shuffle(order)
+    chunk: list[Item] = []
+    for unit in order:
+        if chunk and len(chunk) + len(unit) > size:
+            yield chunk
+            chunk = []
+        chunk.extend(unit)
+    if chunk:
+        yield chunk
 
 
 def _size(store: Store, key: str) -> int:
@@ -293,7 +313,7 @@ def _write_tar(f: BinaryIO, name: str, samples: Sequence[tuple[Item, bytes]], su
         digest.update(chunk)
         size += len(chunk)
     return Shard(name, size, digest.hexdigest(), tuple(i.key for i, _ in samples),
-                 tuple(i.label for i, _ in samples), tuple(offsets))
+                 tuple(i.label for i, _ in samples), tuple(offsets), tuple(i.bin for i, _ in samples))
 
 
 def member(i: int, key: str, label: int) -> str:
@@ -376,16 +396,20 @@ def rank_samples(index: ShardIndex, rank: int, world: int, drop_last: bool, batc
 class ShardStream(IterableDataset):
     """One rank's part of a split, streamed from its shards: (uint8 CHW square, class index), or with `ordered`
     (evaluation) (square, class index, position in the index order) so that callers can restore that order
-    across DataLoader workers. Training shuffles shards per epoch and samples in a buffer of `buffer`."""
+    across DataLoader workers, or with `bins` (a number per index position, -1 for a photo alone: the same-bin
+    ranking's) (square, class index, bin number). Training shuffles shards per epoch and samples in a buffer of
+    `buffer`, a bin's adjacent photos as one unit."""
 
     def __init__(self, store_uri: str, index: ShardIndex, classes: Sequence[int], *, rank: int = 0, world: int = 1,
                  batch_size: int = 1, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  shuffle: bool = False, drop_last: bool = False, seed: int = 0, buffer: int = 1000,
-                 ordered: bool = False):
+                 ordered: bool = False, bins: Sequence[int] | None = None):
+        if bins is not None and (ordered or len(bins) != index.samples):
+            raise ValueError("bins: one per sample of the index, and not with ordered")
         self.store_uri, self.index, self.classes = store_uri, index, list(classes)
         self.rank, self.world, self.batch_size = rank, world, batch_size
         self.transform, self.shuffle, self.drop_last, self.seed = transform, shuffle, drop_last, seed
-        self.buffer, self.ordered, self.epoch = buffer, ordered, 0
+        self.buffer, self.ordered, self.bins, self.epoch = buffer, ordered, bins, 0
         self.where = prefix(index.dataset, index.split)
         strange = sorted({label for s in index.shards for label in s.labels} - set(self.classes))
         if strange:
@@ -421,7 +445,9 @@ class ShardStream(IterableDataset):
         samples = (sample for piece in pieces for sample in self._read(store, *piece))
         if self.shuffle:
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
-            samples = wds.filters.shuffle(self.buffer, min(self.buffer, 100), rng=rng)(samples)
+            units = _units(samples, self.bins) if self.bins is not None else ([s] for s in samples)
+            samples = (s for unit in wds.filters.shuffle(self.buffer, min(self.buffer, 100), rng=rng)(units)
+                       for s in unit)
         skipped = 0
         for position, label, shard, key, data in samples:
             try:
@@ -434,7 +460,12 @@ class ShardStream(IterableDataset):
             if self.transform is not None:
                 image = self.transform(image)
             target = self.classes.index(label)
-            yield (image, target, position) if self.ordered else (image, target)
+            if self.ordered:
+                yield image, target, position
+            elif self.bins is not None:
+                yield image, target, self.bins[position]
+            else:
+                yield image, target
 
     def _read(self, store: Store, s: int, a: int, b: int) -> Iterator[tuple[int, int, str, str, bytes]]:
         """Samples a..b-1 of shard s, checked against the index: whole reads against its sha256 too."""
@@ -472,6 +503,19 @@ class ShardStream(IterableDataset):
                                  ) from None
         if stream.error is not None:
             raise stream.error
+
+
+def _units(samples: Iterator[tuple], bins: Sequence[int]) -> Iterator[list[tuple]]:
+    """Runs of adjacent samples (position first) of one bin; a photo alone is a unit of its own."""
+    unit: list[tuple] = []
+    for sample in samples:
+        b = bins[sample[0]]
+        if unit and (b < 0 or b != bins[unit[-1][0]]):
+            yield unit
+            unit = []
+        unit.append(sample)
+    if unit:
+        yield unit
 
 
 class _Checked(io.RawIOBase):

@@ -170,6 +170,10 @@ def _train(cfg: TrainConfig, d: Dist, started: float) -> TrainResult:
                     for s, index in indexes.items()} if indexes
                    else {s: BinImages(items, cache, cfg.classes) for s, items in splits.items()})
     to_input = _to_input(preprocessing, d.device, cfg.channels_last)
+    bins = sampling.bin_ids(ordered["train"]) if cfg.same_bin_rank_weight > 0 else []
+    if cfg.same_bin_rank_weight > 0:
+        log(f"same-bin ranking: {sum(b >= 0 for b in bins)} training photos in {len(set(bins) - {-1})} bins")
+    paired = bins if any(b >= 0 for b in bins) else None
     if fast:
         def compute(images):
             return features.extract(model, images, cfg.batch_size, cfg.workers, autocast, to_input)
@@ -182,7 +186,8 @@ def _train(cfg: TrainConfig, d: Dist, started: float) -> TrainResult:
     elif indexes:
         train_set = shards.ShardStream(cfg.store, indexes["train"], cfg.classes, rank=d.rank, world=d.world,
                                        batch_size=cfg.batch_size, transform=presets.train_transform(cfg.augment),
-                                       shuffle=True, drop_last=True, seed=cfg.seed, buffer=cfg.shuffle_buffer)
+                                       shuffle=True, drop_last=True, seed=cfg.seed, buffer=cfg.shuffle_buffer,
+                                       bins=paired)
         val_set = eval_images["val"]
         net = model
         prepare, head_prefix = to_input, zoo.head_name(model) + "."
@@ -193,15 +198,11 @@ def _train(cfg: TrainConfig, d: Dist, started: float) -> TrainResult:
         prepare, head_prefix = to_input, zoo.head_name(model) + "."
     workers = 0 if fast else cfg.workers        # features are in memory already
     streamed = isinstance(train_set, shards.ShardStream)
-    bins = sampling.bin_ids(ordered["train"]) if cfg.same_bin_rank_weight > 0 and not indexes else []
-    if cfg.same_bin_rank_weight > 0:
-        log("same-bin ranking: off, the shards do not record bins" if indexes else
-            f"same-bin ranking: {sum(b >= 0 for b in bins)} training photos in {len(set(bins) - {-1})} bins")
     if streamed:
         sampler = None
-    elif any(b >= 0 for b in bins):
-        train_set = sampling.WithBins(train_set, bins)
-        sampler = sampling.SameBinSampler(bins, num_replicas=d.world, rank=d.rank, seed=cfg.seed)
+    elif paired:
+        train_set = sampling.WithBins(train_set, paired)
+        sampler = sampling.SameBinSampler(paired, num_replicas=d.world, rank=d.rank, seed=cfg.seed)
     else:
         sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
     per_rank = len(train_set) if streamed else len(sampler)
