@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from bincount.cli import main
 from bincount.data.abid import image_key
-from bincount.data.dataset import load_split
+from bincount.data.dataset import load_split, map_in_order
 from bincount.evaluate import kfp_confusion_matrix
 from bincount.metrics import calibration, counting
 from bincount.model.exported import ExportedModel
@@ -61,6 +63,19 @@ def trained(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     train(tiny_config(store, "evalrun", cache, epochs=1))
     return store, cache
+
+
+def test_a_long_scoring_pass_shows_its_progress_and_a_short_one_stays_quiet(capsys):
+    images = TensorDataset(torch.zeros(12, 1), torch.arange(12))
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.5)
+        return x
+
+    out, y = map_in_order(images, 1, 0, lambda x: x, "score quick")
+    assert "score quick" not in capsys.readouterr().err
+    out, y = map_in_order(images, 1, 0, slow, "score slow")
+    assert "score slow" in capsys.readouterr().err and y.tolist() == list(range(12)) and len(out) == 12
 
 
 def test_evaluate_writes_metrics_confusion_matrix_and_png(trained, tmp_path, capsys):

@@ -78,7 +78,8 @@ def score(cfg: EvaluateConfig, model: ExportedModel | None = None) -> Scored:
         cache.fill([item.key for item in items], PREFETCH_WORKERS)
         images = BinImages(items, cache, classes)
     predictor = model.predictor(device, cfg.precision)
-    log_probs, targets = predict_log_probs(predictor, images, cfg.batch_size, max(0, cfg.workers))
+    log_probs, targets = predict_log_probs(predictor, images, cfg.batch_size, max(0, cfg.workers),
+                                           f"score {cfg.model} on {cfg.split}")
     probabilities = predictor.calibrate(log_probs)
     return Scored(model, [item.key for item in items], [classes[t] for t in targets.tolist()], probabilities,
                   model.counts(probabilities))
@@ -105,10 +106,10 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
     return EvalResult(out.uri, metrics)
 
 
-def predict_log_probs(predictor: Predictor, images: Dataset, batch_size: int,
-                      workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_log_probs(predictor: Predictor, images: Dataset, batch_size: int, workers: int,
+                      desc: str = "score") -> tuple[torch.Tensor, torch.Tensor]:
     """The predictor's uncalibrated log-probabilities for every image, in order, and the images' class indices."""
-    return map_in_order(images, batch_size, workers, predictor.log_probs)
+    return map_in_order(images, batch_size, workers, predictor.log_probs, desc)
 
 
 def kfp_confusion_matrix(classes: Sequence[int], matrix: Sequence[Sequence[int]]) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from bincount.data.abid import image_key
 from bincount.data.prepare import dataset_key, read_manifest
@@ -145,16 +147,19 @@ def rank_range(n: int, rank: int, world: int) -> range:
     return range(first, min(first + per, n))
 
 
-def map_in_order(images: Dataset, batch_size: int, workers: int,
-                 fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def map_in_order(images: Dataset, batch_size: int, workers: int, fn: Callable[[torch.Tensor], torch.Tensor],
+                 desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`fn` of every batch of inputs, and the class indices, in the dataset's order: also for an ordered shard
-    stream, whose DataLoader workers interleave their batches and so tag each sample with its position."""
+    stream, whose DataLoader workers interleave their batches and so tag each sample with its position. A pass
+    that lasts over 5 s shows its progress (scoring a test split with TTA is minutes on a CPU)."""
     outs, targets, positions = [], [], []
-    for batch in DataLoader(images, batch_size=batch_size, num_workers=workers):
-        outs.append(fn(batch[0]))
-        targets.append(batch[1])
-        if len(batch) == 3:
-            positions.append(batch[2])
+    with tqdm(total=len(images), unit="img", desc=desc, file=sys.stderr, delay=5) as bar:
+        for batch in DataLoader(images, batch_size=batch_size, num_workers=workers):
+            outs.append(fn(batch[0]))
+            targets.append(batch[1])
+            if len(batch) == 3:
+                positions.append(batch[2])
+            bar.update(len(batch[1]))
     if not outs:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     out, y = torch.cat(outs), torch.cat(targets)

@@ -52,7 +52,7 @@ def extract(model: nn.Module, images: Dataset, batch_size: int, workers: int,
             return model(to_input(x)).float().cpu()
 
     try:
-        out, _ = map_in_order(images, batch_size, workers, forward)
+        out, _ = map_in_order(images, batch_size, workers, forward, "features")
     finally:
         model.set_submodule(name, head)
     return out if len(out) else torch.empty(0, head.in_features)

@@ -667,7 +667,7 @@ def export(store: Store, cfg: TrainConfig, state: RunState, plan: budget.Plan, n
         if cache is not None:                               # not filled where features were cached
             cache.fill(val_images.keys, cfg.prefetch_workers)
         log_probs, targets = predict_log_probs(exported.predictor(d.device, cfg.precision), val_images,
-                                               cfg.batch_size, cfg.workers)
+                                               cfg.batch_size, cfg.workers, "calibrate on val")
         inference = fit_inference(log_probs, targets, cfg.tta, cfg.calibration, cfg.decode)
         exported = exported.calibrated(inference)
         probabilities = (log_probs / inference.temperature).softmax(1)
