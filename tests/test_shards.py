@@ -27,9 +27,9 @@ from bincount.data.synthetic import generate
 from bincount.model.preprocess import read_image
 from bincount.processes import free_port
 from bincount.store import open_store
-from bincount.train import losses, sampling
+from bincount.train import sampling
 from bincount.train.loop import checkpoint_key, train, weights_digest
-from training_data import (DATASET, subprocess_env, tiny_args, tiny_config, train_command,
+from training_data import (DATASET, count_same_bin_pairs, subprocess_env, tiny_args, tiny_config, train_command,
                            train_full_and_kill_resumed, with_bins)
 
 CLASSES = [1, 2, 3, 4, 5]
@@ -190,15 +190,7 @@ def test_the_same_bin_ranking_trains_from_shards_with_a_bins_photos_in_one_batch
     runs = [b for n, b in enumerate(order) if b >= 0 and (n == 0 or order[n - 1] != b)]
     assert len(runs) == len(set(runs)) >= twins - 1     # every bin one run through the buffer (the tail may drop)
 
-    compared = []
-    ranking = losses.same_bin_ranking
-
-    def counting(logits, y, bins, values):
-        compared.append(int(((bins[:, None] == bins[None, :]) & (bins[:, None] >= 0) & (y[:, None] > y[None, :]))
-                            .sum()))
-        return ranking(logits, y, bins, values)
-
-    monkeypatch.setattr(losses, "same_bin_ranking", counting)
+    compared = count_same_bin_pairs(monkeypatch)
     train(tiny_config(packed, "shard-bins", tmp_path / "cache", dataset=f"{DATASET}-bins", data="shards",
                       same_bin_rank_weight=1.0, epochs=2, batch_size=8, workers=2))
     err = "\n".join(_errors(capsys))

@@ -15,10 +15,9 @@ from bincount.data.dataset import Item
 from bincount.store import open_store
 from bincount.config import TrainConfig
 from bincount.errors import ConfigError
-from bincount.train import losses
 from bincount.train.loop import checkpoint_key, class_weights, seed_everything, train
 from bincount.model.zoo import build_model
-from training_data import DATASET, tiny_args, tiny_config, with_bins
+from training_data import DATASET, count_same_bin_pairs, tiny_args, tiny_config, with_bins
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FAST = dict(freeze="backbone", feature_cache=True)
@@ -131,15 +130,7 @@ def test_the_moving_average_is_what_is_validated_exported_and_resumed(store, cac
 
 def test_same_bin_ranking_sees_a_bins_photos_in_one_batch(store, cache_dir, monkeypatch, capsys):
     twins = with_bins(store)
-    compared = []
-    ranking = losses.same_bin_ranking
-
-    def counting(logits, y, bins, values):
-        compared.append(int(((bins[:, None] == bins[None, :]) & (bins[:, None] >= 0) & (y[:, None] > y[None, :]))
-                            .sum()))
-        return ranking(logits, y, bins, values)
-
-    monkeypatch.setattr(losses, "same_bin_ranking", counting)
+    compared = count_same_bin_pairs(monkeypatch)
     settings = dict(dataset=f"{DATASET}-bins", epochs=2, batch_size=8, **FAST)
     train(tiny_config(store, "same-bin", cache_dir, same_bin_rank_weight=1.0, **settings))
     assert f"same-bin ranking: {2 * twins} training photos in {twins} bins" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from bincount.config import PrepareConfig, SyntheticConfig, TrainConfig
 from bincount.data.prepare import prepare
 from bincount.data.synthetic import generate
 from bincount.store import open_store
+from bincount.train import losses
 
 DATASET = "tiny"
 KATIB_METRIC = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")
@@ -64,6 +65,20 @@ def with_bins(store: str) -> int:
             twins = sum("bin" in r for r in records) // 2
         s.put_text(f"datasets/{DATASET}-bins/{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return twins
+
+
+def count_same_bin_pairs(monkeypatch) -> list[int]:
+    """The same-bin ranking, counting per call the pairs of one bin (of different counts) it got in a batch."""
+    compared: list[int] = []
+    ranking = losses.same_bin_ranking
+
+    def counting(logits, y, bins, values):
+        compared.append(int(((bins[:, None] == bins[None, :]) & (bins[:, None] >= 0) & (y[:, None] > y[None, :]))
+                            .sum()))
+        return ranking(logits, y, bins, values)
+
+    monkeypatch.setattr(losses, "same_bin_ranking", counting)
+    return compared
 
 
 def tiny_config(store: str, run: str, cache_dir: Path, **overrides) -> TrainConfig:
