@@ -47,13 +47,22 @@ fold, ~530 of them originals), that proxy (one seed; "-": not run), balanced acc
     stronger augmentation (counting-strong)  0.394 / 1.060 (0.407 / 1.013)       -
     corn (head and loss)                     0.403 / 1.013 (0.408 / 1.013)       -
 
-Fold to fold the recipe moves by ~0.02 balanced accuracy and ~0.03 MAE; only the same-bin ranking's MAE (+0.05 and
+On the proxy, fold to fold the recipe moves by ~0.02 balanced accuracy and ~0.03 MAE; only the same-bin ranking's MAE (+0.05 and
 +0.06 with it, on both folds; the gate's paired bootstrap on fold 0: MAE -0.064, 95 % interval -0.105 … -0.023 without
 it) stands clear of that. The original-size photos score as the whole test split (no gap to close by matching the
-224 px photos). At full length (`--only-folds 1 --set steps=1242 --set time_budget=''`: the steps the
-budget gave on the whole pool, 11 epochs of a fold, 69 min on 2 cores shared with other work), with TTA, fold 0:
-the recipe 0.410 / 0.963 (originals 0.404 / 0.987), its validation loss rising from epoch 8 (a fold holds 2/3 of
-the pool, so the same steps are more epochs).
+224 px photos).
+
+The finalists at full length (`--set steps=1242 --set time_budget=''`: the steps the budget gave on the whole pool,
+11 epochs of a fold, ~40 min of 2 cores a run when nothing else runs), with TTA and calibration, paired on the same
+folds:
+
+    variant                                  fold 0                              fold 1
+    abid (ranking 0, 1,242 steps)            0.410 / 0.963 (0.404 / 0.987)       0.408 / 0.860 (0.399 / 0.883)
+    abid-2026-12-06 (ranking 1, 1,130)       0.423 / 0.903 (0.455 / 0.884)       0.409 / 0.940 (0.398 / 0.918)
+
+The proxy's one clear call did not hold: on fold 0 the old recipe was better (MAE -0.061 against the recipe, the
+gate's 95 % interval over bins -0.096 … -0.026), on fold 1 the recipe was (MAE -0.080); balanced accuracy even on
+both. At full length the same-bin ranking is within the fold-to-fold noise either way.
 
     .venv/bin/python benchmarks/real_recipe.py [--pool all|sample] [--folds 5] [--repeats 3]
         [--variants abid,abid-2026-12-06,...] [--only-folds N] [--set KEY=VALUE ...] [--base abid]
