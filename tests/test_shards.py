@@ -120,7 +120,7 @@ def test_streamed_squares_are_the_served_tensor_lossless_for_evaluation_close_fo
 ])
 def test_an_epoch_reads_every_sample_once_and_gives_every_rank_the_same_batches(sizes, world, workers, batch):
     index = shards.ShardIndex(DATASET, "train", SIZE, "jpeg", 95, 0, max(sizes), "x", tuple(
-        shards.Shard(f"s{n}", 1, "x", ("k",) * size, (1,) * size, tuple(range(size + 1)))
+        shards.Shard(f"s{n}", 1, "x", ("k",) * size, (1,) * size, tuple(range(size + 1)), ("",) * size)
         for n, size in enumerate(sizes)))
     total = sum(sizes)
     for epoch in (1, 2):

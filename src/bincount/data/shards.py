@@ -70,7 +70,7 @@ class Shard:
     keys: tuple[str, ...]
     labels: tuple[int, ...]
     offsets: tuple[int, ...]    # where each sample's first member starts, then where the last one ends
-    bins: tuple[str, ...] = ()  # each sample's bin ("" for a photo alone); () where none was recorded
+    bins: tuple[str, ...]       # each sample's bin ("" for a photo alone)
 
     @property
     def samples(self) -> int:
@@ -100,8 +100,7 @@ class ShardIndex:
 
     def items(self) -> list[Item]:
         """The samples in shard order, the order every ordered read yields them in."""
-        return [Item(k, label, b) for s in self.shards
-                for k, label, b in zip(s.keys, s.labels, s.bins or ("",) * s.samples)]
+        return [Item(k, label, b) for s in self.shards for k, label, b in zip(s.keys, s.labels, s.bins)]
 
     def params(self) -> dict:
         return {k: getattr(self, k) for k in ("image_size", "encoding", "quality", "seed", "shard_samples",
