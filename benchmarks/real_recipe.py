@@ -54,15 +54,21 @@ it) stands clear of that. The original-size photos score as the whole test split
 
 The finalists at full length (`--set steps=1242 --set time_budget=''`: the steps the budget gave on the whole pool,
 11 epochs of a fold, ~40 min of 2 cores a run when nothing else runs), with TTA and calibration, paired on the same
-folds:
+3 folds; the last column is `bincount model compare` of the two on that fold (recipe − old, 95 % interval of a
+bootstrap over bins):
 
-    variant                                  fold 0                              fold 1
-    abid (ranking 0, 1,242 steps)            0.410 / 0.963 (0.404 / 0.987)       0.408 / 0.860 (0.399 / 0.883)
-    abid-2026-12-06 (ranking 1, 1,130)       0.423 / 0.903 (0.455 / 0.884)       0.409 / 0.940 (0.398 / 0.918)
+    fold   abid (ranking 0, 1,242 steps)     abid-2026-12-06 (ranking 1, 1,130)   MAE, recipe − old
+    0      0.410 / 0.963 (0.404 / 0.987)     0.423 / 0.903 (0.455 / 0.884)        +0.061 (+0.026 … +0.096)
+    1      0.408 / 0.860 (0.399 / 0.883)     0.409 / 0.940 (0.398 / 0.918)        -0.080 (-0.113 … -0.048)
+    2      0.414 / 0.797 (0.410 / 0.790)     0.424 / 0.878 (0.432 / 0.844)        -0.081 (-0.115 … -0.049)
+    mean   0.410 ± 0.003 / 0.874 ± 0.069     0.419 ± 0.007 / 0.907 ± 0.026
+           (0.404 ± 0.005 / 0.886 ± 0.080)   (0.428 ± 0.024 / 0.882 ± 0.030)
 
-The proxy's one clear call did not hold: on fold 0 the old recipe was better (MAE -0.061 against the recipe, the
-gate's 95 % interval over bins -0.096 … -0.026), on fold 1 the recipe was (MAE -0.080); balanced accuracy even on
-both. At full length the same-bin ranking is within the fold-to-fold noise either way.
+The proxy's one clear call did not hold: at full length the recipe's MAE was lower on 2 of 3 folds (0.033 lower on
+average), its balanced accuracy 0.008 ± 0.005 lower (0.024 ± 0.021 on originals), every fold's balanced-accuracy
+interval spanning zero. Each fold's MAE interval excludes zero, yet fold 0 goes the other way: a bootstrap over one
+run's test bins does not see how much a training run itself varies, so only agreement across folds counts. The
+same-bin ranking (with the old recipe's 10-epoch ceiling, 1,130 steps) is within that noise either way.
 
     .venv/bin/python benchmarks/real_recipe.py [--pool all|sample] [--folds 5] [--repeats 3]
         [--variants abid,abid-2026-12-06,...] [--only-folds N] [--set KEY=VALUE ...] [--base abid]
