@@ -30,7 +30,8 @@ recipe's time budget gives on the whole pool).
 
 Measured 2026-12-06 on the pool (3 folds of whole bins, ~3,590 training / ~400 validation / ~2,000 test photos a
 fold, ~530 of them originals), that proxy (one seed; "-": not run), balanced accuracy / MAE on all test photos
-(originals only in brackets):
+(originals only in brackets). The frozen, lite1 and decoding rows ran while the recipe still had the ranking on
+(read them against the first row), the rows below them on the recipe as it is (against the second):
 
     variant                                  fold 0                              fold 1
     same-bin ranking 1 (the recipe then)     0.382 / 1.070 (0.391 / 1.071)       0.386 / 1.024 (0.381 / 1.054)
@@ -47,10 +48,10 @@ fold, ~530 of them originals), that proxy (one seed; "-": not run), balanced acc
     stronger augmentation (counting-strong)  0.394 / 1.060 (0.407 / 1.013)       -
     corn (head and loss)                     0.403 / 1.013 (0.408 / 1.013)       -
 
-On the proxy, fold to fold the recipe moves by ~0.02 balanced accuracy and ~0.03 MAE; only the same-bin ranking's MAE (+0.05 and
-+0.06 with it, on both folds; the gate's paired bootstrap on fold 0: MAE -0.064, 95 % interval -0.105 … -0.023 without
-it) stands clear of that. The original-size photos score as the whole test split (no gap to close by matching the
-224 px photos).
+On the proxy, fold to fold the recipe moves by ~0.02 balanced accuracy and ~0.03 MAE; only the same-bin ranking's
+MAE (+0.05 and +0.06 with it, on both folds; the gate's paired bootstrap on fold 0: MAE -0.064, 95 % interval
+-0.105 … -0.023 without it) stands clear of that. The original-size photos score as the whole test split (no gap to
+close by matching the 224 px photos).
 
 The finalists at full length (`--set steps=1242 --set time_budget=''`: the steps the budget gave on the whole pool,
 11 epochs of a fold, ~40 min of 2 cores a run when nothing else runs), with TTA and calibration, paired on the same
